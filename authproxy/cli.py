@@ -1,0 +1,149 @@
+"""The ``authproxy`` command line."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import re
+import sys
+from collections.abc import Sequence
+from typing import Any
+
+from . import __version__, plugins
+from .config import Config, listen_from_go, load_config
+from .errors import ConfigError
+
+_SECRET_KEY = re.compile(r"token|secret|password|passwd|key|credential|auth", re.I)
+
+
+def _redact_options(options: Any, key: str = "") -> Any:
+    if isinstance(options, dict):
+        return {k: _redact_options(v, k) for k, v in options.items()}
+    if isinstance(options, list):
+        return [_redact_options(v, key) for v in options]
+    if isinstance(options, str) and ("${" in options or _SECRET_KEY.search(key)):
+        return "***"
+    return options
+
+
+def describe(config: Config, pipeline: Any) -> str:
+    """The resolved stack, secrets redacted, as ``check-config`` prints it."""
+    s, up = config.server, config.upstream
+    if up.tls_verify is True:
+        tls = "verified"
+    elif up.tls_verify is False:
+        tls = "NOT VERIFIED (tls_verify = false)"
+    else:
+        tls = f"verified against {up.tls_verify}"
+    lines = [
+        f"config:   {config.source}",
+        f"listen:   {s.listen} ({s.workers} workers x {s.threads} threads, {s.worker_class})",
+        f"upstream: {up.url} (TLS {tls}; timeouts connect {up.connect_timeout}s,"
+        f" read {up.read_timeout}s; host {'preserved' if up.preserve_host else 'rewritten'})",
+        f"health:   live {config.health.live}, ready {config.health.ready}",
+        "pipeline, outermost first:",
+        f"  - request-id ({config.request_id.header})",
+    ]
+    for (name, step), spec in zip(pipeline.steps, config.pipeline, strict=True):
+        shown = step.describe() if hasattr(step, "describe") else _redact_options(dict(spec.options))
+        lines.append(f"  - {name} {json.dumps(shown, sort_keys=True)}")
+    lines.append(f"  - forwarder -> {up.url}")
+    return "\n".join(lines)
+
+
+def _load(args: argparse.Namespace) -> Config:
+    config = load_config(args.config)
+    if getattr(args, "listen", None):
+        config = config.replace(server=config.server.__class__(
+            **{**config.server.__dict__, "listen": listen_from_go(args.listen)}))
+    return config
+
+
+def cmd_serve(args: argparse.Namespace) -> int:
+    from .logs import configure
+    from .pipeline import build_app
+    from .server import serve
+
+    configure()
+    config = _load(args)
+    # Build once before serving so that every error shows up now, not in a worker.
+    build_app(config).close()
+    serve(config)
+    return 0
+
+
+def cmd_check_config(args: argparse.Namespace) -> int:
+    from .pipeline import build_app
+
+    config = _load(args)
+    pipeline = build_app(config)
+    try:
+        print(describe(config, pipeline))
+    finally:
+        pipeline.close()
+    print("ok")
+    return 0
+
+
+def cmd_plugins(args: argparse.Namespace) -> int:
+    for name, claims in sorted(plugins.installed().items()):
+        for plugin in claims:
+            try:
+                factory = plugin.load()
+            except Exception as exc:
+                print(f"{name}  ({plugin.distribution})  failed to import: {exc!r}")
+                continue
+            doc = (factory.__doc__ or "").strip().splitlines()
+            print(f"{name}  ({plugin.distribution})  {doc[0] if doc else ''}")
+            declared, open_ended = plugins.options(factory)
+            for o in declared:
+                default = "required" if o.required else f"default {o.default!r}"
+                print(f"    {o.name}: {o.type}  ({default})")
+            if open_ended:
+                print("    ...: any other option is passed through")
+    return 0
+
+
+def cmd_demo(args: argparse.Namespace) -> int:
+    from .demo import run_demo
+
+    return run_demo(listen=args.listen, self_test=args.self_test)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="authproxy", description="An identity-aware reverse proxy (WSGI pipeline)."
+    )
+    parser.add_argument("--version", action="version", version=f"authproxy {__version__}")
+    sub = parser.add_subparsers(dest="command", required=True)
+    serve = sub.add_parser("serve", help="serve with gunicorn (production)")
+    serve.add_argument("--config", help="TOML file (default: $AUTHPROXY_CONFIG, ./authproxy.toml)")
+    serve.add_argument("--listen", help="HOST:PORT, overrides server.listen")
+    serve.set_defaults(func=cmd_serve)
+    check = sub.add_parser("check-config", help="validate and print the stack, secrets redacted")
+    check.add_argument("--config", help="TOML file (default: $AUTHPROXY_CONFIG, ./authproxy.toml)")
+    check.set_defaults(func=cmd_check_config)
+    plug = sub.add_parser("plugins", help="list installed pipeline steps and their options")
+    plug.set_defaults(func=cmd_plugins)
+    demo = sub.add_parser("demo", help="a local echo upstream behind the proxy, to see it work")
+    demo.add_argument("--listen", default="127.0.0.1:8000", help="proxy address (127.0.0.1:8000)")
+    demo.add_argument(
+        "--self-test", action="store_true", help="send one request through it, print, exit"
+    )
+    demo.set_defaults(func=cmd_demo)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        return int(args.func(args))
+    except ConfigError as exc:
+        print(f"authproxy: configuration error: {exc}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,222 @@
+"""Loading and validating the configuration (TOML file or the Go program's variables).
+
+Where the configuration comes from, first match wins:
+
+1. ``--config PATH`` (the ``path`` argument);
+2. ``$AUTHPROXY_CONFIG``;
+3. ``./authproxy.toml``;
+4. the Go sidecar's variables: ``DASHBOARD_PROXY_URL`` (upstream),
+   ``LISTEN_ADDRESS`` (``:8080`` style) and ``DASHBOARD_TOKEN`` (injected as
+   ``Authorization: Bearer ...``), with a JSON access log.
+
+Every error is a :class:`~authproxy.errors.ConfigError` that names the key.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+import tomllib
+import typing
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from typing import Any
+
+from ._types import conforms, describe
+from .errors import ConfigError
+
+DEFAULT_FILE = "authproxy.toml"
+_WORKER_CLASSES = ("gthread", "sync", "gevent", "eventlet", "tornado")
+
+
+@dataclass(frozen=True)
+class ServerConfig:
+    listen: str = "0.0.0.0:8000"
+    workers: int = 2
+    threads: int = 16
+    worker_class: str = "gthread"
+    #: gunicorn's worker heartbeat timeout (not a request timeout under gthread).
+    timeout: float = 30.0
+    #: seconds in-flight requests get to finish after SIGTERM.
+    graceful_timeout: float = 25.0
+    keepalive: float = 75.0
+    #: addresses whose X-Forwarded-Proto gunicorn believes.
+    forwarded_allow_ips: str = "127.0.0.1,::1"
+    log_level: str = "info"
+
+
+@dataclass(frozen=True)
+class UpstreamConfig:
+    url: str = ""
+    tls_verify: bool | str = True
+    client_cert: str | None = None
+    client_key: str | None = None
+    connect_timeout: float = 5.0
+    read_timeout: float = 60.0
+    preserve_host: bool = False
+    strip_impersonation: bool = True
+
+
+@dataclass(frozen=True)
+class HealthConfig:
+    live: str | None = "/healthz"
+    ready: str | None = "/readyz"
+
+
+@dataclass(frozen=True)
+class RequestIdConfig:
+    header: str = "X-Request-ID"
+    trust_incoming: bool = True
+
+
+@dataclass(frozen=True)
+class Step:
+    """One ``[[pipeline]]`` entry: the step's name and its options."""
+
+    use: str
+    options: Mapping[str, Any]
+    where: str
+
+
+@dataclass(frozen=True)
+class Config:
+    upstream: UpstreamConfig
+    server: ServerConfig = field(default_factory=ServerConfig)
+    health: HealthConfig = field(default_factory=HealthConfig)
+    request_id: RequestIdConfig = field(default_factory=RequestIdConfig)
+    pipeline: tuple[Step, ...] = ()
+    source: str = "<python>"
+
+    def replace(self, **changes: Any) -> Config:
+        return dataclasses.replace(self, **changes)
+
+
+_SECTIONS: dict[str, type] = {
+    "server": ServerConfig,
+    "upstream": UpstreamConfig,
+    "health": HealthConfig,
+    "request_id": RequestIdConfig,
+}
+
+
+def _section(name: str, cls: type, data: Any) -> Any:
+    if not isinstance(data, Mapping):
+        raise ConfigError(name, f"expected a table, got {data!r}")
+    hints = typing.get_type_hints(cls)
+    known = {f.name for f in dataclasses.fields(cls)}
+    for key, value in data.items():
+        if key not in known:
+            raise ConfigError(
+                f"{name}.{key}", f"unknown key; [{name}] takes: {', '.join(sorted(known))}"
+            )
+        if not conforms(value, hints[key]):
+            raise ConfigError(f"{name}.{key}", f"expected {describe(hints[key])}, got {value!r}")
+    return cls(**data)
+
+
+def from_mapping(data: Mapping[str, Any], source: str = "<python>") -> Config:
+    """Build a :class:`Config` from parsed TOML (or an equal dict), validating it."""
+    for key in data:
+        if key not in _SECTIONS and key != "pipeline":
+            raise ConfigError(
+                key, f"unknown section; expected {', '.join([*_SECTIONS, 'pipeline'])}"
+            )
+    sections = {name: _section(name, cls, data.get(name, {})) for name, cls in _SECTIONS.items()}
+    upstream: UpstreamConfig = sections["upstream"]
+    if not upstream.url:
+        raise ConfigError("upstream.url", "required: the URL of the app to protect")
+    if isinstance(upstream.tls_verify, str) and not os.path.exists(upstream.tls_verify):
+        raise ConfigError("upstream.tls_verify", f"CA bundle {upstream.tls_verify!r} not found")
+    server: ServerConfig = sections["server"]
+    _check_listen(server.listen, "server.listen")
+    for key in ("workers", "threads"):
+        if getattr(server, key) < 1:
+            raise ConfigError(f"server.{key}", f"expected at least 1, got {getattr(server, key)}")
+    if server.worker_class not in _WORKER_CLASSES:
+        raise ConfigError(
+            "server.worker_class", f"expected one of {_WORKER_CLASSES}, got {server.worker_class!r}"
+        )
+    raw_pipeline = data.get("pipeline", [])
+    if not isinstance(raw_pipeline, list):
+        raise ConfigError("pipeline", "expected an array of tables ([[pipeline]])")
+    steps = []
+    for i, entry in enumerate(raw_pipeline):
+        where = f"pipeline[{i}]"
+        if not isinstance(entry, Mapping):
+            raise ConfigError(where, f"expected a table, got {entry!r}")
+        use = entry.get("use")
+        if not isinstance(use, str) or not use:
+            raise ConfigError(f"{where}.use", "required: the name of the step")
+        options = {k: v for k, v in entry.items() if k != "use"}
+        steps.append(Step(use, options, f"{where} ({use})"))
+    return Config(
+        upstream=upstream,
+        server=server,
+        health=sections["health"],
+        request_id=sections["request_id"],
+        pipeline=tuple(steps),
+        source=source,
+    )
+
+
+def _check_listen(value: str, key: str) -> None:
+    if value.startswith("unix:"):
+        return
+    host, sep, port = value.rpartition(":")
+    if not sep or not port.isdigit() or not 0 <= int(port) <= 65535:
+        raise ConfigError(key, f"expected HOST:PORT or unix:PATH, got {value!r}")
+
+
+def listen_from_go(value: str) -> str:
+    """Go's ``:8080`` means every interface."""
+    return "0.0.0.0" + value if value.startswith(":") else value
+
+
+def from_environment(env: Mapping[str, str]) -> Config:
+    """The Go sidecar's configuration: DASHBOARD_PROXY_URL, LISTEN_ADDRESS, DASHBOARD_TOKEN."""
+    pipeline: list[dict[str, Any]] = [{"use": "access-log", "format": "json"}]
+    token = env.get("DASHBOARD_TOKEN")
+    if token:
+        value = "Bearer " + token.replace("$", "$$")  # a literal, never a template
+        pipeline.append({"use": "inject-headers", "set": {"Authorization": value}})
+    data: dict[str, Any] = {
+        "upstream": {"url": env["DASHBOARD_PROXY_URL"]},
+        "pipeline": pipeline,
+    }
+    if env.get("LISTEN_ADDRESS"):
+        data["server"] = {"listen": listen_from_go(env["LISTEN_ADDRESS"])}
+    try:
+        return from_mapping(data, source="environment (DASHBOARD_PROXY_URL)")
+    except ConfigError as exc:
+        names = {"upstream.url": "DASHBOARD_PROXY_URL", "server.listen": "LISTEN_ADDRESS"}
+        raise ConfigError(names.get(exc.key, exc.key), exc.problem) from None
+
+
+def load_file(path: str) -> Config:
+    try:
+        with open(path, "rb") as f:
+            data = tomllib.load(f)
+    except FileNotFoundError:
+        raise ConfigError(path, "config file not found") from None
+    except OSError as exc:
+        raise ConfigError(path, f"cannot read config file: {exc.strerror}") from None
+    except tomllib.TOMLDecodeError as exc:
+        raise ConfigError(path, f"invalid TOML: {exc}") from None
+    return from_mapping(data, source=path)
+
+
+def load_config(path: str | None = None, env: Mapping[str, str] | None = None) -> Config:
+    """Find and load the configuration (see the module docstring for the order)."""
+    env = os.environ if env is None else env
+    path = path or env.get("AUTHPROXY_CONFIG")
+    if path:
+        return load_file(path)
+    if os.path.exists(DEFAULT_FILE):
+        return load_file(DEFAULT_FILE)
+    if env.get("DASHBOARD_PROXY_URL"):
+        return from_environment(env)
+    raise ConfigError(
+        "upstream.url",
+        "no configuration: pass --config PATH, set AUTHPROXY_CONFIG, create ./authproxy.toml, "
+        "or set DASHBOARD_PROXY_URL",
+    )

@@ -1,0 +1,120 @@
+"""What the pipeline's steps share, and the helpers a plugin may use.
+
+Middlewares never import each other; they talk through these environ keys.
+
+================================  =====================================================
+``authproxy.request_id``          the request id (str), set by :class:`RequestId`
+``authproxy.identity``            the verified identity (:class:`VerifiedIdentity`)
+``authproxy.refusal``             why the request was refused (str), for the access log
+``authproxy.upstream_url``        the upstream the forwarder sends to
+``authproxy.upstream_ms``         time to the upstream's response headers (float, ms)
+``authproxy.step``                name of the step that failed, when one raised
+================================  =====================================================
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any
+
+from .secrets import register_secret
+
+if TYPE_CHECKING:
+    from _typeshed.wsgi import StartResponse, WSGIEnvironment
+
+REQUEST_ID = "authproxy.request_id"
+IDENTITY = "authproxy.identity"
+REFUSAL = "authproxy.refusal"
+UPSTREAM_URL = "authproxy.upstream_url"
+UPSTREAM_MS = "authproxy.upstream_ms"
+STEP = "authproxy.step"
+
+__all__ = [
+    "IDENTITY",
+    "REFUSAL",
+    "REQUEST_ID",
+    "STEP",
+    "UPSTREAM_MS",
+    "UPSTREAM_URL",
+    "VerifiedIdentity",
+    "plain_response",
+    "refuse",
+    "register_secret",
+]
+
+
+@dataclass(frozen=True)
+class VerifiedIdentity:
+    """Who made the request, as proven by a verified token.
+
+    ``email`` is None for a service token, whose name is ``service_token``.
+    ``claims`` holds every verified claim of the token.
+    """
+
+    subject: str
+    email: str | None = None
+    service_token: str | None = None
+    issuer: str | None = None
+    claims: Mapping[str, Any] = field(default_factory=dict)
+
+    @property
+    def name(self) -> str:
+        """What the access log shows: the email, else the service token's name."""
+        return self.email or self.service_token or self.subject
+
+
+_REASONS = {
+    200: "OK",
+    400: "Bad Request",
+    401: "Unauthorized",
+    403: "Forbidden",
+    404: "Not Found",
+    405: "Method Not Allowed",
+    411: "Length Required",
+    429: "Too Many Requests",
+    500: "Internal Server Error",
+    502: "Bad Gateway",
+    503: "Service Unavailable",
+    504: "Gateway Timeout",
+}
+
+
+def plain_response(
+    start_response: StartResponse,
+    code: int,
+    body: str | None = None,
+    headers: list[tuple[str, str]] | None = None,
+    exc_info: Any = None,
+) -> list[bytes]:
+    """Answer with a short text body (default: the status phrase)."""
+    phrase = _REASONS.get(code, "Error")
+    data = ((body if body is not None else phrase) + "\n").encode()
+    start_response(
+        f"{code} {phrase}",
+        [
+            ("Content-Type", "text/plain; charset=utf-8"),
+            ("Content-Length", str(len(data))),
+            ("Cache-Control", "no-store"),
+            *(headers or ()),
+        ],
+        exc_info,
+    )
+    return [data]
+
+
+def refuse(
+    environ: WSGIEnvironment,
+    start_response: StartResponse,
+    code: int,
+    reason: str,
+    *,
+    headers: list[tuple[str, str]] | None = None,
+) -> list[bytes]:
+    """Refuse the request with *code*; *reason* goes to the access log, not the client.
+
+    The client sees only the status phrase, so the reason may be specific
+    (``"token expired"``) but must never contain a secret.
+    """
+    environ[REFUSAL] = reason
+    return plain_response(start_response, code, headers=headers)

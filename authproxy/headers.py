@@ -1,0 +1,122 @@
+"""Header rules shared by the pipeline and the forwarder.
+
+Everything here works on the WSGI environ (``HTTP_*`` keys), because that is
+the only channel the middlewares share. :func:`sanitize` runs once per request,
+before any middleware adds a header, so that a client cannot use
+``Connection: Authorization`` to delete what the proxy injects.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Mapping
+from typing import Any
+
+# RFC 9110 7.6.1 plus the old names that proxies still see. Keys as in environ.
+HOP_BY_HOP_NAMES = frozenset(
+    {
+        "connection",
+        "keep-alive",
+        "proxy-connection",
+        "proxy-authenticate",
+        "proxy-authorization",
+        "te",
+        "trailer",
+        "transfer-encoding",
+        "upgrade",
+    }
+)
+
+# Headers that make the Kubernetes API (and the dashboard) act as someone else.
+IMPERSONATION_PREFIX = "impersonate-"
+
+SANITIZED_KEY = "authproxy.sanitized"
+UPGRADE_KEY = "authproxy.upgrade"
+TE_TRAILERS_KEY = "authproxy.te_trailers"
+REQUEST_CHUNKED_KEY = "authproxy.request_chunked"
+
+_CTL = frozenset("\r\n\0")
+
+
+def environ_key(name: str) -> str:
+    """``X-Forwarded-For`` -> ``HTTP_X_FORWARDED_FOR``."""
+    upper = name.upper().replace("-", "_")
+    if upper in ("CONTENT_TYPE", "CONTENT_LENGTH"):
+        return upper
+    return "HTTP_" + upper
+
+
+def header_name(key: str) -> str:
+    """``HTTP_X_FORWARDED_FOR`` -> ``X-Forwarded-For``."""
+    if key.startswith("HTTP_"):
+        key = key[5:]
+    return key.replace("_", "-").title()
+
+
+HOP_BY_HOP_KEYS = frozenset(environ_key(n) for n in HOP_BY_HOP_NAMES)
+
+
+def has_ctl(value: str) -> bool:
+    """True if *value* holds CR, LF or NUL (never allowed in a header value)."""
+    return "\r" in value or "\n" in value or "\0" in value
+
+
+def connection_tokens(value: str) -> list[str]:
+    return [t.strip().lower() for t in value.split(",") if t.strip()]
+
+
+def sanitize(environ: dict[str, Any], *, strip_impersonation: bool = True) -> None:
+    """Remove hop-by-hop and impersonation headers from *environ*, once.
+
+    Runs before any middleware injects a header; later calls are a no-op, so
+    every component that adds headers can call it to be safe when used alone.
+    A request to upgrade (WebSocket) is remembered under ``authproxy.upgrade``
+    and ``Te: trailers`` under ``authproxy.te_trailers``, as Go's reverse proxy
+    does, before the headers go; a body sent with ``Transfer-Encoding`` is
+    marked under ``authproxy.request_chunked``.
+    """
+    if SANITIZED_KEY in environ:
+        return
+    environ[SANITIZED_KEY] = True
+    connection = environ.get("HTTP_CONNECTION")
+    if connection is not None:
+        tokens = connection_tokens(connection)
+        if "upgrade" in tokens and "HTTP_UPGRADE" in environ:
+            environ[UPGRADE_KEY] = environ["HTTP_UPGRADE"]
+        for token in tokens:
+            key = environ_key(token)
+            # CONTENT_LENGTH/TYPE are framing, handled by the server; never
+            # let Connection delete them.
+            if key.startswith("HTTP_"):
+                environ.pop(key, None)
+    if "HTTP_TRANSFER_ENCODING" in environ:
+        environ[REQUEST_CHUNKED_KEY] = True
+    te = environ.get("HTTP_TE")
+    if te is not None and "trailers" in connection_tokens(te):
+        environ[TE_TRAILERS_KEY] = True
+    for key in HOP_BY_HOP_KEYS:
+        if key in environ:
+            del environ[key]
+    if strip_impersonation:
+        for key in [k for k in environ if k.startswith("HTTP_IMPERSONATE_")]:
+            del environ[key]
+
+
+def request_headers(environ: Mapping[str, Any]) -> Iterable[tuple[str, str]]:
+    """The end-to-end request headers of *environ*, as (name, value) pairs."""
+    for key, value in environ.items():
+        if key.startswith("HTTP_"):
+            yield header_name(key), value
+    if environ.get("CONTENT_TYPE"):
+        yield "Content-Type", environ["CONTENT_TYPE"]
+    if environ.get("CONTENT_LENGTH"):
+        yield "Content-Length", environ["CONTENT_LENGTH"]
+
+
+def filter_response_headers(headers: Iterable[tuple[str, str]]) -> list[tuple[str, str]]:
+    """Drop hop-by-hop headers (fixed list and ``Connection`` names) from a response."""
+    items = list(headers)
+    drop = set(HOP_BY_HOP_NAMES)
+    for name, value in items:
+        if name.lower() == "connection":
+            drop.update(connection_tokens(value))
+    return [(n, v) for n, v in items if n.lower() not in drop]

@@ -1,0 +1,228 @@
+"""One log line per request, written when the response is done, secrets redacted."""
+
+from __future__ import annotations
+
+import ipaddress
+import json
+import logging
+import time
+from collections.abc import Iterable, Iterator
+from typing import TYPE_CHECKING, Any
+
+from ..context import IDENTITY, REFUSAL, REQUEST_ID, UPSTREAM_MS
+from ..errors import ConfigError
+from ..headers import environ_key
+from ..secrets import REDACTED
+
+if TYPE_CHECKING:
+    from _typeshed.wsgi import StartResponse, WSGIApplication, WSGIEnvironment
+
+#: Never logged by value, whatever ``log_headers`` says.
+SENSITIVE_HEADERS = frozenset(
+    {
+        "authorization",
+        "proxy-authorization",
+        "cookie",
+        "set-cookie",
+        "cf-access-jwt-assertion",
+        "cf-access-token",
+        "x-goog-iap-jwt-assertion",
+        "x-pomerium-jwt-assertion",
+    }
+)
+_FORMATS = ("json", "combined")
+_Network = ipaddress.IPv4Network | ipaddress.IPv6Network
+
+
+def parse_networks(values: Iterable[str], key: str) -> tuple[_Network, ...]:
+    try:
+        return tuple(ipaddress.ip_network(v, strict=False) for v in values)
+    except (TypeError, ValueError) as exc:
+        raise ConfigError(key, f"expected CIDR networks, {exc}") from None
+
+
+def client_address(
+    environ: WSGIEnvironment, trusted: tuple[_Network, ...], header_key: str
+) -> str:
+    """The client's address: the peer, or, when the peer is a trusted proxy,
+    the nearest untrusted address in *header_key* (X-Forwarded-For style)."""
+    peer = environ.get("REMOTE_ADDR") or "-"
+    forwarded = environ.get(header_key)
+    if not forwarded or not trusted or not _in(peer, trusted):
+        return peer
+    hops = [h.strip() for h in forwarded.split(",") if h.strip()]
+    for hop in reversed(hops):
+        if not _in(hop, trusted):
+            return hop
+    return hops[0] if hops else peer
+
+
+def _in(address: str, networks: tuple[_Network, ...]) -> bool:
+    try:
+        ip = ipaddress.ip_address(address)
+    except ValueError:
+        return False
+    return any(ip in net for net in networks)
+
+
+class AccessLog:
+    """Log one line per request through :mod:`logging`, after the body is sent.
+
+    :param format: ``"json"`` (one object per line, stable keys) or ``"combined"``
+        (Apache/nginx combined plus the duration in ms).
+    :param logger: name of the :class:`logging.Logger` written to (level INFO).
+    :param log_query: keep the query string in the logged path (off: it often
+        carries tokens).
+    :param trusted_proxies: CIDR networks whose ``client_ip_header`` is believed.
+    :param client_ip_header: ``X-Forwarded-For``, or e.g. ``Cf-Connecting-Ip``
+        behind cloudflared.
+    :param log_headers: request headers to add to each line, for debugging;
+        credentials among them are always shown as ``***``.
+
+    Fields: time, request_id, client, method, path, protocol, status, bytes,
+    duration_ms, upstream_ms, identity, user_agent, refusal.
+
+    Example::
+
+        app = AccessLog(app, format="json", trusted_proxies=["127.0.0.1/32"])
+    """
+
+    def __init__(
+        self,
+        app: WSGIApplication,
+        *,
+        format: str = "json",  # noqa: A002 - the config key's name
+        logger: str = "authproxy.access",
+        log_query: bool = False,
+        trusted_proxies: list[str] | None = None,
+        client_ip_header: str = "X-Forwarded-For",
+        log_headers: list[str] | None = None,
+    ) -> None:
+        if format not in _FORMATS:
+            raise ConfigError("format", f"expected one of {_FORMATS}, got {format!r}")
+        self.app = app
+        self.format = format
+        self.logger = logging.getLogger(logger)
+        self.log_query = log_query
+        self.trusted = parse_networks(
+            ["127.0.0.0/8", "::1/128"] if trusted_proxies is None else trusted_proxies,
+            "trusted_proxies",
+        )
+        self.client_ip_key = environ_key(client_ip_header)
+        self.log_headers = tuple((h, environ_key(h)) for h in (log_headers or ()))
+
+    def __call__(self, environ: WSGIEnvironment, start_response: StartResponse) -> Iterable[bytes]:
+        started = time.time()
+        # Read before the inner steps rewrite headers (identity, injection).
+        record: dict[str, Any] = {
+            "client": client_address(environ, self.trusted, self.client_ip_key),
+            "user_agent": environ.get("HTTP_USER_AGENT"),
+            "referer": environ.get("HTTP_REFERER"),
+        }
+        if self.log_headers:
+            record["headers"] = {
+                name: REDACTED if name.lower() in SENSITIVE_HEADERS else environ.get(key)
+                for name, key in self.log_headers
+                if key in environ
+            }
+        state = [0]
+
+        def start(status: str, headers: list[tuple[str, str]], exc_info: Any = None) -> Any:
+            state[0] = int(status[:3])
+            return start_response(status, headers, exc_info)
+
+        try:
+            body = self.app(environ, start)
+        except BaseException:
+            state[0] = state[0] or 500
+            self._emit(environ, record, started, state[0], 0)
+            raise
+        return _Counted(body, self, environ, record, started, state)
+
+    def _emit(
+        self,
+        environ: WSGIEnvironment,
+        record: dict[str, Any],
+        started: float,
+        status: int,
+        sent: int,
+    ) -> None:
+        if not self.logger.isEnabledFor(logging.INFO):
+            return
+        path = environ.get("RAW_URI") or environ.get("REQUEST_URI") or environ.get("PATH_INFO", "")
+        if not self.log_query:
+            path = path.partition("?")[0]
+        identity = environ.get(IDENTITY)
+        upstream_ms = environ.get(UPSTREAM_MS)
+        record.update(
+            time=time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(started))
+            + f".{int(started % 1 * 1000):03d}Z",
+            request_id=environ.get(REQUEST_ID),
+            method=environ.get("REQUEST_METHOD"),
+            path=path,
+            protocol=environ.get("SERVER_PROTOCOL"),
+            status=status,
+            bytes=sent,
+            duration_ms=round((time.time() - started) * 1000.0, 3),
+            upstream_ms=None if upstream_ms is None else round(upstream_ms, 3),
+            identity=identity.name if identity is not None else None,
+            refusal=environ.get(REFUSAL),
+        )
+        if self.format == "json":
+            line = json.dumps(record, separators=(",", ":"), sort_keys=True)
+        else:
+            line = _combined(record, started)
+        self.logger.info(line)
+
+
+def _combined(r: dict[str, Any], started: float) -> str:
+    when = time.strftime("%d/%b/%Y:%H:%M:%S +0000", time.gmtime(started))
+    request = f"{r['method']} {r['path']} {r['protocol']}"
+    return (
+        f'{r["client"]} - {r["identity"] or "-"} [{when}] {json.dumps(request)} '
+        f'{r["status"]} {r["bytes"]} {json.dumps(r["referer"] or "-")} '
+        f'{json.dumps(r["user_agent"] or "-")} {r["duration_ms"]}'
+    )
+
+
+class _Counted:
+    """The response body, counted as it goes; logs once when closed."""
+
+    def __init__(
+        self,
+        body: Iterable[bytes],
+        log: AccessLog,
+        environ: WSGIEnvironment,
+        record: dict[str, Any],
+        started: float,
+        state: list[int],
+    ) -> None:
+        self._body = body
+        self._log = log
+        self._environ = environ
+        self._record = record
+        self._started = started
+        self._state = state
+        self._sent = 0
+
+    def __iter__(self) -> Iterator[bytes]:
+        try:
+            for chunk in self._body:
+                self._sent += len(chunk)
+                yield chunk
+        except GeneratorExit:
+            raise
+        except BaseException as exc:
+            # The body broke after the status went out: say so in the log.
+            self._record["aborted"] = type(exc).__name__
+            raise
+
+    def close(self) -> None:
+        try:
+            close = getattr(self._body, "close", None)
+            if close is not None:
+                close()
+        finally:
+            self._log._emit(
+                self._environ, self._record, self._started, self._state[0], self._sent
+            )

@@ -1,0 +1,105 @@
+"""Turning a :class:`~authproxy.config.Config` into the WSGI stack.
+
+Outside in::
+
+    edge: hop-by-hop and Impersonate-* stripping, last-resort 500
+    health (live/ready)  ->  request id  ->  [[pipeline]] steps in order  ->  forwarder
+
+The builder knows nothing of any step's options beyond passing them.
+"""
+
+from __future__ import annotations
+
+import logging
+import sys
+from collections.abc import Iterable, Mapping
+from typing import TYPE_CHECKING, Any
+
+from . import plugins
+from .config import Config, from_mapping
+from .context import STEP, plain_response
+from .forwarder import Forwarder
+from .headers import sanitize
+from .middleware.health import Health
+from .middleware.request_id import RequestId
+
+if TYPE_CHECKING:
+    from _typeshed.wsgi import StartResponse, WSGIApplication, WSGIEnvironment
+
+log = logging.getLogger("authproxy.pipeline")
+
+
+class _Guard:
+    """Turns an exception raised by one step into a generic 500 that names the step in the log."""
+
+    __slots__ = ("app", "name")
+
+    def __init__(self, app: WSGIApplication, name: str) -> None:
+        self.app = app
+        self.name = name
+
+    def __call__(self, environ: WSGIEnvironment, start_response: StartResponse) -> Iterable[bytes]:
+        try:
+            return self.app(environ, start_response)
+        except Exception:
+            environ[STEP] = self.name
+            log.exception("step %r failed on %s", self.name, environ.get("PATH_INFO"))
+            return plain_response(start_response, 500, exc_info=sys.exc_info())
+
+
+class Pipeline:
+    """The built stack: a WSGI app, with its parts kept for inspection.
+
+    ``steps`` lists ``(name, middleware)`` from outermost to innermost;
+    ``forwarder`` is the :class:`~authproxy.forwarder.Forwarder` at the core.
+    """
+
+    def __init__(self, config: Config) -> None:
+        self.config = config
+        up = config.upstream
+        self.forwarder = Forwarder(
+            up.url,
+            tls_verify=up.tls_verify,
+            client_cert=up.client_cert,
+            client_key=up.client_key,
+            connect_timeout=up.connect_timeout,
+            read_timeout=up.read_timeout,
+            preserve_host=up.preserve_host,
+            strip_impersonation=up.strip_impersonation,
+            pool_size=config.server.threads,
+        )
+        app: Any = _Guard(self.forwarder, "forwarder")
+        built: list[tuple[str, Any]] = []
+        for step in reversed(config.pipeline):
+            factory = plugins.load(step.use, f"{step.where}.use")
+            middleware = plugins.instantiate(factory, app, step.options, step.where)
+            built.append((step.use, middleware))
+            app = _Guard(middleware, step.use)
+        self.steps = list(reversed(built))
+        rid = config.request_id
+        app = RequestId(app, header=rid.header, trust_incoming=rid.trust_incoming)
+        self.app = Health(
+            app,
+            live=config.health.live,
+            ready=config.health.ready,
+            checks=[self.forwarder.check_ready],
+        )
+        self._strip_impersonation = up.strip_impersonation
+
+    def __call__(self, environ: WSGIEnvironment, start_response: StartResponse) -> Iterable[bytes]:
+        sanitize(environ, strip_impersonation=self._strip_impersonation)
+        return self.app(environ, start_response)
+
+    def close(self) -> None:
+        for _name, step in self.steps:
+            close = getattr(step, "close", None)
+            if callable(close):
+                close()
+        self.forwarder.close()
+
+
+def build_app(config: Config | Mapping[str, Any]) -> Pipeline:
+    """Build the WSGI app for *config* (a :class:`Config`, or a dict shaped like the TOML)."""
+    if not isinstance(config, Config):
+        config = from_mapping(config)
+    return Pipeline(config)
