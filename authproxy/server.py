@@ -19,9 +19,10 @@ def gunicorn_settings(config: Config) -> dict[str, Any]:
         "workers": s.workers,
         "threads": s.threads,
         "worker_class": s.worker_class,
-        "timeout": s.timeout,
-        "graceful_timeout": s.graceful_timeout,
-        "keepalive": s.keepalive,
+        # gunicorn takes whole seconds here.
+        "timeout": max(1, round(s.timeout)),
+        "graceful_timeout": max(1, round(s.graceful_timeout)),
+        "keepalive": max(0, round(s.keepalive)),
         "forwarded_allow_ips": s.forwarded_allow_ips,
         "accesslog": None,  # the pipeline's access-log step writes the access log
         "errorlog": "-",

@@ -1,0 +1,61 @@
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable, Iterator
+from typing import Any
+
+import pytest
+
+from authproxy.secrets import registered_secrets
+
+from .support import TOKEN, Proxy, Upstream
+
+
+@pytest.fixture
+def upstream() -> Iterator[Upstream]:
+    server = Upstream().start()
+    yield server
+    server.stop()
+
+
+@pytest.fixture
+def start_proxy() -> Iterator[Callable[..., Proxy]]:
+    """Start ``authproxy serve`` (real gunicorn); stopped, and its log checked
+    for the injected token, when the test ends."""
+    started: list[Proxy] = []
+
+    def start(config: dict[str, Any] | None = None, **kwargs: Any) -> Proxy:
+        proxy = Proxy(config, **kwargs)
+        started.append(proxy)
+        return proxy
+
+    yield start
+    for proxy in started:
+        proxy.stop()
+        logs = proxy.logs()
+        assert TOKEN not in logs, "the injected token reached the proxy's log"
+
+
+def bearer_config(upstream: Upstream, **upstream_options: Any) -> dict[str, Any]:
+    """The usual test stack: JSON access log and the test token injected."""
+    return {
+        "upstream": {"url": upstream.url, **upstream_options},
+        "pipeline": [
+            {"use": "access-log", "format": "json"},
+            {"use": "inject-headers", "set": {"Authorization": f"Bearer {TOKEN}"}},
+        ],
+    }
+
+
+@pytest.fixture(autouse=True)
+def no_secret_in_captured_logs(caplog: pytest.LogCaptureFixture) -> Iterator[None]:
+    """Fail any test whose in-process log records contain a registered secret."""
+    caplog.set_level(logging.DEBUG)
+    yield
+    secrets = {TOKEN, *registered_secrets()}
+    for record in caplog.records:
+        text = record.getMessage()
+        if record.exc_text:
+            text += record.exc_text
+        for secret in secrets:
+            assert secret not in text, f"a secret reached the log: {record.name}"

@@ -1,0 +1,316 @@
+"""Real servers for the behaviour tests: a recording upstream and authproxy under gunicorn.
+
+Everything listens on 127.0.0.1 only.
+"""
+
+from __future__ import annotations
+
+import gzip
+import hashlib
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import requests
+from werkzeug.serving import WSGIRequestHandler, make_server
+from werkzeug.wsgi import get_input_stream
+
+#: The credential every proxy in the suite injects; it must never show up
+#: anywhere but in the upstream's recorded requests.
+TOKEN = "sekrit-token-5f1c0e3a9b7d"
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def wait_for_port(port: int, timeout: float = 15.0) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        try:
+            socket.create_connection(("127.0.0.1", port), timeout=0.5).close()
+            return
+        except OSError:
+            time.sleep(0.05)
+    raise TimeoutError(f"nothing listens on 127.0.0.1:{port}")
+
+
+@dataclass
+class Seen:
+    """One request as the upstream received it."""
+
+    method: str
+    target: str
+    headers: list[tuple[str, str]]
+    body_sha256: str
+    body_len: int
+
+    def header(self, name: str) -> str | None:
+        for k, v in self.headers:
+            if k.lower() == name.lower():
+                return v
+        return None
+
+    def header_names(self) -> set[str]:
+        return {k.lower() for k, _ in self.headers}
+
+
+class _QuietHandler(WSGIRequestHandler):
+    def log_request(self, *args: Any, **kwargs: Any) -> None:
+        pass
+
+
+@dataclass
+class Upstream:
+    """A real HTTP/1.1 server that records every request and answers by path.
+
+    Paths: ``/status/N``, ``/bytes/N`` (N bytes streamed, chunked unless
+    ``?cl=1``), ``/cookies`` (two Set-Cookie), ``/gzip``, ``/redirect``,
+    ``/sleep/SECONDS``, ``/truncate`` (promises more than it sends),
+    ``/sse`` (three events, 0.5 s apart), anything else: 200 ``ok``.
+    """
+
+    server: Any = None
+    port: int = 0
+    seen: list[Seen] = field(default_factory=list)
+
+    @property
+    def url(self) -> str:
+        return f"http://127.0.0.1:{self.port}"
+
+    def last(self) -> Seen:
+        assert self.seen, "the upstream received no request"
+        return self.seen[-1]
+
+    def app(self, environ: dict[str, Any], start_response: Any) -> Any:
+        stream = get_input_stream(environ)
+        digest, total = hashlib.sha256(), 0
+        while True:
+            chunk = stream.read(65536)
+            if not chunk:
+                break
+            digest.update(chunk)
+            total += len(chunk)
+        headers = [
+            (k[5:].replace("_", "-").title(), v) for k, v in environ.items() if k.startswith("HTTP_")
+        ]
+        for key in ("CONTENT_TYPE", "CONTENT_LENGTH"):
+            if environ.get(key):
+                headers.append((key.replace("_", "-").title(), environ[key]))
+        target = environ.get("REQUEST_URI") or environ["PATH_INFO"]
+        self.seen.append(Seen(environ["REQUEST_METHOD"], target, headers, digest.hexdigest(), total))
+        path = environ["PATH_INFO"]
+        query = environ.get("QUERY_STRING", "")
+        return self._answer(path, query, start_response)
+
+    def _answer(self, path: str, query: str, start_response: Any) -> Any:
+        if path.startswith("/status/"):
+            code = int(path.split("/")[2])
+            start_response(f"{code} X", [("Content-Length", "2")] if code not in (204, 304) else [])
+            return [b"st"] if code not in (204, 304) else []
+        if path.startswith("/bytes/"):
+            n = int(path.split("/")[2])
+            headers = [("Content-Type", "application/octet-stream")]
+            if "cl=1" in query:
+                headers.append(("Content-Length", str(n)))
+            start_response("200 OK", headers)
+            return _pattern(n)
+        if path == "/cookies":
+            start_response("200 OK", [("Set-Cookie", "a=1; Path=/"), ("Set-Cookie", "b=2, c=3"),
+                                      ("Content-Length", "2")])
+            return [b"ok"]
+        if path == "/gzip":
+            data = gzip.compress(b"hello " * 1000)
+            start_response("200 OK", [("Content-Encoding", "gzip"), ("Content-Length", str(len(data)))])
+            return [data]
+        if path == "/redirect":
+            start_response("302 Found", [("Location", "/elsewhere"), ("Content-Length", "9")])
+            return [b"go away\r\n"]
+        if path.startswith("/sleep/"):
+            time.sleep(float(path.split("/")[2]))
+            start_response("200 OK", [("Content-Length", "5")])
+            return [b"slept"]
+        if path == "/truncate":
+            start_response("200 OK", [("Content-Length", "1000000")])
+            return _truncated()
+        if path == "/sse":
+            start_response("200 OK", [("Content-Type", "text/event-stream"), ("Cache-Control", "no-cache")])
+            return _events()
+        if path == "/hop":
+            start_response("200 OK", [("Connection", "X-Secret-Hop"), ("X-Secret-Hop", "1"),
+                                      ("Keep-Alive", "timeout=5"), ("Content-Length", "2")])
+            return [b"ok"]
+        body = b"ok"
+        start_response("200 OK", [("Content-Type", "text/plain"), ("Content-Length", str(len(body)))])
+        return [body]
+
+    def start(self) -> Upstream:
+        self.server = make_server("127.0.0.1", 0, self.app, threaded=True, request_handler=_QuietHandler)
+        self.port = self.server.server_port
+        threading.Thread(target=self.server.serve_forever, daemon=True).start()
+        return self
+
+    def stop(self) -> None:
+        self.server.shutdown()
+        self.server.server_close()
+
+
+def _pattern(n: int) -> Iterator[bytes]:
+    block = bytes(range(256)) * 256  # 64 KiB
+    while n > 0:
+        piece = block[: min(n, len(block))]
+        n -= len(piece)
+        yield piece
+
+
+def _truncated() -> Iterator[bytes]:
+    yield b"x" * 1000
+    raise ConnectionAbortedError("upstream dies mid-body")
+
+
+def _events() -> Iterator[bytes]:
+    for i in range(3):
+        yield f"data: event {i}\n\n".encode()
+        time.sleep(0.5)
+
+
+def sha256_of_pattern(n: int) -> str:
+    digest = hashlib.sha256()
+    for piece in _pattern(n):
+        digest.update(piece)
+    return digest.hexdigest()
+
+
+def toml_value(value: Any) -> str:
+    """Enough TOML for test configs: strings, numbers, bools, lists, inline tables."""
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    if isinstance(value, (int, float)):
+        return repr(value)
+    if isinstance(value, str):
+        return json.dumps(value)
+    if isinstance(value, list):
+        return "[" + ", ".join(toml_value(v) for v in value) + "]"
+    if isinstance(value, dict):
+        return "{" + ", ".join(f"{json.dumps(k)} = {toml_value(v)}" for k, v in value.items()) + "}"
+    raise TypeError(value)
+
+
+def write_toml(path: Path, config: dict[str, Any]) -> Path:
+    lines = []
+    for section, table in config.items():
+        if section == "pipeline":
+            continue
+        lines.append(f"[{section}]")
+        lines += [f"{k} = {toml_value(v)}" for k, v in table.items()]
+    for step in config.get("pipeline", []):
+        lines.append("[[pipeline]]")
+        lines += [f"{k} = {toml_value(v)}" for k, v in step.items()]
+    path.write_text("\n".join(lines) + "\n")
+    return path
+
+
+class Proxy:
+    """``authproxy serve`` in a subprocess (real gunicorn), its stderr kept."""
+
+    def __init__(
+        self,
+        config: dict[str, Any] | None = None,
+        env: dict[str, str] | None = None,
+        workers: int = 1,
+        threads: int = 8,
+    ) -> None:
+        self.port = free_port()
+        self.dir = Path(tempfile.mkdtemp(prefix="authproxy-test-"))
+        self.log_path = self.dir / "stderr.log"
+        args = [sys.executable, "-m", "authproxy.cli", "serve"]
+        full_env = {k: v for k, v in os.environ.items() if not k.startswith("AUTHPROXY")}
+        full_env.update(env or {})
+        if config is not None:
+            config = dict(config)
+            server = dict(config.get("server", {}))
+            server.setdefault("listen", f"127.0.0.1:{self.port}")
+            server.setdefault("workers", workers)
+            server.setdefault("threads", threads)
+            config["server"] = server
+            args += ["--config", str(write_toml(self.dir / "authproxy.toml", config))]
+        else:
+            full_env["LISTEN_ADDRESS"] = f"127.0.0.1:{self.port}"
+        self._log = open(self.log_path, "wb")
+        self.process = subprocess.Popen(
+            args, env=full_env, stdout=self._log, stderr=subprocess.STDOUT, cwd=self.dir
+        )
+        try:
+            self._wait_ready()
+        except BaseException:
+            self.stop()
+            raise
+
+    def _wait_ready(self) -> None:
+        deadline = time.monotonic() + 20
+        while time.monotonic() < deadline:
+            if self.process.poll() is not None:
+                raise RuntimeError(f"authproxy exited {self.process.returncode}:\n{self.logs()}")
+            try:
+                socket.create_connection(("127.0.0.1", self.port), timeout=0.5).close()
+                return
+            except OSError:
+                time.sleep(0.05)
+        raise TimeoutError(f"authproxy did not start:\n{self.logs()}")
+
+    @property
+    def url(self) -> str:
+        return f"http://127.0.0.1:{self.port}"
+
+    def logs(self) -> str:
+        if not self._log.closed:
+            self._log.flush()
+        return self.log_path.read_text(errors="replace")
+
+    def access_lines(self) -> list[dict[str, Any]]:
+        out = []
+        for line in self.logs().splitlines():
+            if line.startswith("{"):
+                out.append(json.loads(line))
+        return out
+
+    def worker_pids(self) -> list[int]:
+        children = Path(f"/proc/{self.process.pid}/task/{self.process.pid}/children")
+        return [int(p) for p in children.read_text().split()]
+
+    def stop(self, sig: int = signal.SIGTERM, timeout: float = 30) -> int:
+        if self.process.poll() is None:
+            self.process.send_signal(sig)
+            try:
+                self.process.wait(timeout)
+            except subprocess.TimeoutExpired:
+                self.process.kill()
+                self.process.wait()
+        self._log.close()
+        return self.process.returncode
+
+
+def rss_kib(pid: int) -> int:
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith("VmRSS:"):
+            return int(line.split()[1])
+    raise LookupError(pid)
+
+
+def assert_no_secret(response: requests.Response, secret: str = TOKEN) -> None:
+    """The secret is in neither the response's headers nor its body."""
+    for name, value in response.raw.headers.items():
+        assert secret not in name and secret not in value, f"secret leaked in header {name}"
+    assert secret.encode() not in response.content, "secret leaked in the response body"
