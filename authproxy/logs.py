@@ -42,7 +42,9 @@ def logconfig_dict(level: str = "info") -> dict[str, Any]:
             "authproxy": {"level": level, "handlers": ["stderr"], "propagate": False},
             "authproxy.access": {"level": "INFO", "handlers": ["access"], "propagate": False},
             "gunicorn.error": {"level": level, "handlers": ["stderr"], "propagate": False},
-            "gunicorn.access": {"level": "INFO", "handlers": ["access"], "propagate": False},
+            # The pipeline's access-log step writes the access log; gunicorn's
+            # own would repeat it with the query string (tokens) in it.
+            "gunicorn.access": {"level": "CRITICAL", "handlers": [], "propagate": False},
         },
         "root": {"level": "WARNING", "handlers": ["stderr"]},
     }

@@ -56,6 +56,7 @@ class Seen:
     headers: list[tuple[str, str]]
     body_sha256: str
     body_len: int
+    at: float = field(default_factory=time.monotonic)
 
     def header(self, name: str) -> str | None:
         for k, v in self.headers:
