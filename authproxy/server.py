@@ -42,6 +42,10 @@ class Server(BaseApplication):  # type: ignore[misc]
     def load_config(self) -> None:
         for key, value in gunicorn_settings(self.config).items():
             self.cfg.set(key, value)
+        if "control_socket_disable" in self.cfg.settings:
+            # gunicorn >= 25 opens a control socket under $HOME by default: a
+            # sidecar with a read-only root file system has no use for it.
+            self.cfg.set("control_socket_disable", True)
 
     def load(self) -> Any:
         return build_app(self.config)
