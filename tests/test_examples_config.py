@@ -6,18 +6,21 @@ from __future__ import annotations
 
 import datetime
 import json
+import os
 import re
+import shutil
 import subprocess
 import sys
 import threading
 import tomllib
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
 import jwt
 import kubernetes_validate
 import pytest
+import requests
 import yaml
 from cryptography import x509
 from cryptography.hazmat.primitives import hashes, serialization
@@ -25,7 +28,7 @@ from cryptography.hazmat.primitives.asymmetric import rsa
 from cryptography.x509.oid import NameOID
 from werkzeug.serving import make_server
 
-from .support import TOKEN
+from .support import TOKEN, Proxy, Upstream, assert_no_secret
 from .test_deploy import DOCKERFILE, clean_env, parse_dockerfile, tool
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -306,3 +309,68 @@ def test_example_config_passes_check_config(
         assert f"  - {use} " in result.stdout, f"{use} missing from the printed stack"
     assert ("NOT VERIFIED" in result.stdout) == (tls_verify is False)
     assert TOKEN not in output
+
+
+# --- the certificate-pinning recipe in docs/deploy.md ---------------------------------------
+
+
+def openssl_recipe() -> str:
+    """The ``openssl req`` command of docs/deploy.md, continuation lines included."""
+    lines = (ROOT / "docs" / "deploy.md").read_text().splitlines()
+    start = next(i for i, line in enumerate(lines) if line.strip().startswith("openssl req -x509"))
+    command = []
+    for line in lines[start:]:
+        command.append(line.strip())
+        if not line.rstrip().endswith("\\"):
+            break
+    return "\n".join(command)
+
+
+@pytest.fixture
+def tls_upstream(tmp_path: Path) -> Iterator[tuple[Upstream, Path]]:
+    """An upstream serving the certificate the docs' recipe makes, for HOST=localhost."""
+    openssl = shutil.which("openssl")
+    if openssl is None:
+        if os.environ.get("CI"):
+            pytest.fail("openssl is missing (Debian package: openssl)")
+        pytest.skip("openssl is not installed")
+    subprocess.run(
+        ["bash", "-euo", "pipefail", "-c", openssl_recipe()], cwd=tmp_path, check=True,
+        env={**clean_env(), "HOST": "localhost"}, capture_output=True,
+    )
+    upstream = Upstream()
+    upstream.server = make_server(
+        "127.0.0.1", 0, upstream.app, threaded=True,
+        ssl_context=(str(tmp_path / "upstream.crt"), str(tmp_path / "upstream.key")),
+    )
+    upstream.port = upstream.server.server_port
+    threading.Thread(target=upstream.server.serve_forever, daemon=True).start()
+    yield upstream, tmp_path / "upstream.crt"
+    upstream.stop()
+
+
+def pinned_config(url: str, tls_verify: bool | str) -> dict[str, Any]:
+    return {
+        "upstream": {"url": url, "tls_verify": tls_verify},
+        "pipeline": [{"use": "inject-headers", "set": {"Authorization": f"Bearer {TOKEN}"}}],
+    }
+
+
+def test_pinned_self_signed_certificate_is_trusted_and_nothing_else(
+    tls_upstream: tuple[Upstream, Path], start_proxy: Callable[..., Proxy]
+) -> None:
+    upstream, cert = tls_upstream
+    pinned = start_proxy(pinned_config(f"https://localhost:{upstream.port}", str(cert)))
+    r = requests.get(pinned.url + "/x", timeout=30)
+    assert r.status_code == 200 and r.text == "ok"
+    assert upstream.last().header("Authorization") == f"Bearer {TOKEN}"
+    seen = len(upstream.seen)
+    # The same certificate without the pin, and the pin for a name the URL does
+    # not use: the handshake fails, nothing is sent, the client gets a 502.
+    for url, verify in ((f"https://localhost:{upstream.port}", True),
+                        (f"https://127.0.0.1:{upstream.port}", str(cert))):
+        proxy = start_proxy(pinned_config(url, verify))
+        refused = requests.get(proxy.url + "/x", timeout=30)
+        assert refused.status_code == 502
+        assert_no_secret(refused)
+    assert len(upstream.seen) == seen
