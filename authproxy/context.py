@@ -25,6 +25,7 @@ from __future__ import annotations
 import re
 from collections.abc import Mapping
 from dataclasses import dataclass, field
+from http import HTTPStatus
 from typing import TYPE_CHECKING, Any
 
 from .addresses import CLIENT_ADDRESS, ClientAddress, in_networks, parse_networks
@@ -103,6 +104,13 @@ _REASONS = {
 }
 
 
+def _phrase(code: int) -> str:
+    try:
+        return HTTPStatus(code).phrase
+    except ValueError:
+        return "Error"
+
+
 def plain_response(
     start_response: StartResponse,
     code: int,
@@ -111,7 +119,7 @@ def plain_response(
     exc_info: Any = None,
 ) -> list[bytes]:
     """Answer with a short text body (default: the status phrase)."""
-    phrase = _REASONS.get(code, "Error")
+    phrase = _REASONS.get(code) or _phrase(code)
     data = ((body if body is not None else phrase) + "\n").encode()
     start_response(
         f"{code} {phrase}",

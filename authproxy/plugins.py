@@ -95,8 +95,8 @@ def find(name: str, where: str) -> Plugin:
     if not claims:
         known = ", ".join(sorted(plugins)) or "none"
         close = difflib.get_close_matches(name, plugins, n=1)
-        hint = f"; did you mean {close[0]!r}?" if close else ""
-        raise PluginError(where, f"unknown step {name!r}{hint} installed steps: {known}")
+        hint = f"did you mean {close[0]!r}? " if close else ""
+        raise PluginError(where, f"unknown step {name!r}; {hint}installed steps: {known}")
     if len(claims) > 1:
         who = " and ".join(f"{p.distribution} ({p.entry_point.value})" for p in claims)
         raise PluginError(
