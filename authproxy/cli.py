@@ -133,7 +133,7 @@ def cmd_plugins(args: argparse.Namespace) -> int:
     else:
         total = sum(len(c) for c in found.values())
         print(f"{total} pipeline steps installed (entry-point group {plugins.GROUP!r}):")
-    for name, claims in sorted(found.items()):
+    for _name, claims in sorted(found.items()):
         for plugin in claims:
             print()
             print("\n".join(_describe_plugin(plugin, [p for p in claims if p is not plugin])))

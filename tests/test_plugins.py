@@ -337,7 +337,10 @@ OPTION_ERRORS = [
         {"use": "sample-gate", "deny": "mallory"},
         ["(sample-gate).deny", "expected list[str], got 'mallory'"],
     ),
-    ({"use": "sample-mrak", "tag": "x"}, ["pipeline[0] (sample-mrak).use", "did you mean 'sample-mark'?"]),
+    (
+        {"use": "sample-mrak", "tag": "x"},
+        ["pipeline[0] (sample-mrak).use", "did you mean 'sample-mark'?"],
+    ),
     # Built-in steps are checked by the same code (their annotations name
     # types imported only for type checkers; that must not switch checks off).
     ({"use": "access-log", "log_query": "yes"}, ["(access-log).log_query", "expected bool"]),
@@ -488,13 +491,16 @@ def test_pip_installed_plugin_under_gunicorn(
         },
         workers=2,
     )
-    ok = requests.get(proxy.url + "/a", headers={"X-Test-User": "alice@example.com"}, timeout=30)
+    def get(path: str, user: str) -> requests.Response:
+        return requests.get(proxy.url + path, headers={"X-Test-User": user}, timeout=30)
+
+    ok = get("/a", "alice@example.com")
     assert ok.status_code == 200
     assert upstream.last().header("X-Seen-Identity") == "alice@example.com"
     assert upstream.last().header("Authorization") == f"Bearer {TOKEN}"
-    refused = requests.get(proxy.url + "/b", headers={"X-Test-User": "mallory@example.com"}, timeout=30)
+    refused = get("/b", "mallory@example.com")
     assert refused.status_code == 403 and refused.text == "Forbidden\n"
-    broken = requests.get(proxy.url + "/boom", headers={"X-Test-User": "bob@example.com"}, timeout=30)
+    broken = get("/boom", "bob@example.com")
     assert broken.status_code == 500 and broken.text == "Internal Server Error\n"
     assert TOKEN not in broken.text and secret not in broken.text
     proxy.stop()
