@@ -101,6 +101,7 @@ class ClientAddress:
             raise ConfigError(
                 prefix + "client_ip_header", f"expected a header name, got {client_ip_header!r}"
             )
+        self.header = header
         self.header_key = environ_key(header)
 
     def __call__(self, environ: WSGIEnvironment) -> str:
