@@ -149,7 +149,9 @@ class Metrics:
         self.multiprocess_dir = _multiprocess_dir()
         # One registry per step in a single process; in multiprocess mode the
         # values go to files and a fresh registry reads them all at each scrape.
-        self.registry = None if self.multiprocess_dir else CollectorRegistry(auto_describe=True)
+        self.registry: CollectorRegistry | None = (
+            None if self.multiprocess_dir else CollectorRegistry(auto_describe=True)
+        )
         self.instruments = _Instruments(prefix, bounds, self.registry)
 
     def __call__(self, environ: WSGIEnvironment, start_response: StartResponse) -> Iterable[bytes]:
@@ -214,11 +216,10 @@ class Metrics:
         method = environ.get("REQUEST_METHOD")
         if method not in ("GET", "HEAD"):
             return plain_response(start_response, 405, headers=[("Allow", "GET, HEAD")])
-        if self.multiprocess_dir:
+        registry = self.registry
+        if registry is None:
             registry = CollectorRegistry()
-            MultiProcessCollector(registry, path=self.multiprocess_dir)
-        else:
-            registry = self.registry
+            MultiProcessCollector(registry, path=self.multiprocess_dir)  # type: ignore[no-untyped-call]
         data = generate_latest(registry)
         start_response(
             "200 OK",
