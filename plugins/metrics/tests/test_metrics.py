@@ -4,6 +4,7 @@ and correct sums across gunicorn workers in prometheus-client's multiprocess mod
 from __future__ import annotations
 
 import threading
+import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
@@ -27,6 +28,18 @@ def scrape(proxy: Proxy) -> Samples:
         for s in family.samples:
             samples[(s.name, tuple(sorted(s.labels.items())))] = s.value
     return samples
+
+
+def settled(proxy: Proxy, requests_seen: int) -> Samples:
+    """A scrape once every request so far is recorded: a step records a request
+    when the server closes its response, which may be just after the client has it."""
+    deadline = time.monotonic() + 30
+    while True:
+        samples = scrape(proxy)
+        if total(samples, "authproxy_requests_total") >= requests_seen:
+            return samples
+        assert time.monotonic() < deadline, f"{requests_seen} requests never all recorded"
+        time.sleep(0.05)
 
 
 def value(samples: Samples, name: str, **labels: str) -> float:
@@ -81,7 +94,7 @@ def test_counts_latency_refusals_and_bytes(
     for i in range(25):
         go("GET", "/c", headers={"X-Test-Refuse": f"class {i}: detail"})
 
-    m = scrape(proxy)
+    m = settled(proxy, len(sent))
     assert value(m, "authproxy_requests_total", route="api", method="GET", status="2xx") == 3
     assert value(m, "authproxy_requests_total", route="api", method="POST", status="2xx") == 1
     assert value(m, "authproxy_requests_total", route="assets", method="GET", status="2xx") == 1
@@ -156,7 +169,8 @@ def test_multiprocess_mode_sums_every_worker(
     multiproc = tmp_path / "prometheus"
     multiproc.mkdir()
     config = pipeline(holding_upstream, {"routes": {"api": "^/api/"}})
-    config["server"] = {"worker_class": "sync"}  # one request at a time per worker
+    # One request at a time per worker (gunicorn turns sync into gthread if threads > 1).
+    config["server"] = {"worker_class": "sync", "threads": 1}
     proxy = start_proxy(
         config, env={**test_steps, "PROMETHEUS_MULTIPROC_DIR": str(multiproc)}, workers=2
     )
@@ -175,6 +189,7 @@ def test_multiprocess_mode_sums_every_worker(
     finally:
         holding_upstream.release.set()
         held.join(60)
+    settled(proxy, 6)
     # Two workers recorded values ...
     pids = {p.stem.rpartition("_")[2] for p in multiproc.glob("counter_*.db")}
     assert len(pids) == 2, sorted(p.name for p in multiproc.iterdir())
