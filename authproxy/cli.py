@@ -85,22 +85,58 @@ def cmd_check_config(args: argparse.Namespace) -> int:
     return 0
 
 
+_RST_ROLE = re.compile(r":\w+:`~?([^`]+)`")
+
+
+def _plain(text: str) -> str:
+    """Docstring text without reST markup, for the terminal."""
+    return _RST_ROLE.sub(r"\1", text).replace("``", "")
+
+
+def _describe_plugin(plugin: plugins.Plugin, clash: list[plugins.Plugin]) -> list[str]:
+    lines = [f"{plugin.name}  ({plugin.distribution}, {plugin.entry_point.value})"]
+    for other in clash:
+        lines.append(
+            f"  ! the name is also claimed by {other.distribution}: a config that uses it"
+            " fails until one is uninstalled"
+        )
+    try:
+        factory = plugin.load()
+        declared, open_ended = plugins.options(factory)
+    except Exception as exc:
+        return [*lines, f"  ! failed to load: {exc!r}"]
+    lines.append(f"  {_plain(plugins.summary(factory)) or '(no description)'}")
+    if not declared and not open_ended:
+        return [*lines, "  no options"]
+    rows = [
+        (o.name, o.type, "required" if o.required else repr(o.default), _plain(o.doc))
+        for o in declared
+    ]
+    if open_ended:
+        rows.append(("...", "", "", "other options are passed through unchecked"))
+    header = ("option", "type", "default", "")
+    widths = [max(len(r[i]) for r in [header, *rows]) for i in range(3)]
+    for row in [header, *rows]:
+        cells = [c.ljust(w) for c, w in zip(row[:3], widths, strict=True)]
+        doc = row[3] if len(row[3]) <= 72 else row[3][:71] + "…"
+        lines.append(("  " + "  ".join(cells) + "  " + doc).rstrip())
+    return lines
+
+
 def cmd_plugins(args: argparse.Namespace) -> int:
-    for name, claims in sorted(plugins.installed().items()):
+    found = plugins.installed()
+    if args.name:
+        if args.name not in found:
+            print(f"authproxy: no installed step is called {args.name!r}", file=sys.stderr)
+            return 1
+        found = {args.name: found[args.name]}
+    else:
+        total = sum(len(c) for c in found.values())
+        print(f"{total} pipeline steps installed (entry-point group {plugins.GROUP!r}):")
+    for _name, claims in sorted(found.items()):
         for plugin in claims:
-            try:
-                factory = plugin.load()
-            except Exception as exc:
-                print(f"{name}  ({plugin.distribution})  failed to import: {exc!r}")
-                continue
-            doc = (factory.__doc__ or "").strip().splitlines()
-            print(f"{name}  ({plugin.distribution})  {doc[0] if doc else ''}")
-            declared, open_ended = plugins.options(factory)
-            for o in declared:
-                default = "required" if o.required else f"default {o.default!r}"
-                print(f"    {o.name}: {o.type}  ({default})")
-            if open_ended:
-                print("    ...: any other option is passed through")
+            print()
+            print("\n".join(_describe_plugin(plugin, [p for p in claims if p is not plugin])))
     return 0
 
 
@@ -124,6 +160,7 @@ def build_parser() -> argparse.ArgumentParser:
     check.add_argument("--config", help="TOML file (default: $AUTHPROXY_CONFIG, ./authproxy.toml)")
     check.set_defaults(func=cmd_check_config)
     plug = sub.add_parser("plugins", help="list installed pipeline steps and their options")
+    plug.add_argument("name", nargs="?", help="show only this step")
     plug.set_defaults(func=cmd_plugins)
     demo = sub.add_parser("demo", help="a local echo upstream behind the proxy, to see it work")
     demo.add_argument("--listen", default="127.0.0.1:8000", help="proxy address (127.0.0.1:8000)")

@@ -4,20 +4,31 @@ Middlewares never import each other; they talk through these environ keys.
 
 ================================  =====================================================
 ``authproxy.request_id``          the request id (str), set by :class:`RequestId`
-``authproxy.identity``            the verified identity (:class:`VerifiedIdentity`)
+``authproxy.identity``            the verified identity (:class:`VerifiedIdentity`),
+                                  set by the identity step; absent before it
+``authproxy.client_address``      the client's address as the access log resolved it
 ``authproxy.refusal``             why the request was refused (str), for the access log
 ``authproxy.upstream_url``        the upstream the forwarder sends to
-``authproxy.upstream_ms``         time to the upstream's response headers (float, ms)
+``authproxy.upstream_ms``         time to the upstream's response headers (float, ms),
+                                  set once the forwarder has the answer
 ``authproxy.step``                name of the step that failed, when one raised
 ================================  =====================================================
+
+Helpers: :func:`refuse` (answer with a status, the reason goes to the access
+log), :func:`register_secret` (redact a value from every log line),
+:func:`identity_of`, :class:`ClientAddress` (the client's address behind
+trusted proxies) and :func:`refusal_class`. ``docs/plugins.md`` is the guide.
 """
 
 from __future__ import annotations
 
+import re
 from collections.abc import Mapping
 from dataclasses import dataclass, field
+from http import HTTPStatus
 from typing import TYPE_CHECKING, Any
 
+from .addresses import CLIENT_ADDRESS, ClientAddress, in_networks, parse_networks
 from .secrets import register_secret
 
 if TYPE_CHECKING:
@@ -31,14 +42,20 @@ UPSTREAM_MS = "authproxy.upstream_ms"
 STEP = "authproxy.step"
 
 __all__ = [
+    "CLIENT_ADDRESS",
     "IDENTITY",
     "REFUSAL",
     "REQUEST_ID",
     "STEP",
     "UPSTREAM_MS",
     "UPSTREAM_URL",
+    "ClientAddress",
     "VerifiedIdentity",
+    "identity_of",
+    "in_networks",
+    "parse_networks",
     "plain_response",
+    "refusal_class",
     "refuse",
     "register_secret",
 ]
@@ -64,6 +81,13 @@ class VerifiedIdentity:
         return self.email or self.service_token or self.subject
 
 
+def identity_of(environ: Mapping[str, Any]) -> VerifiedIdentity | None:
+    """The verified identity of this request, or None (no identity step ran, or it let
+    the request through unauthenticated on a public route)."""
+    identity = environ.get(IDENTITY)
+    return identity if isinstance(identity, VerifiedIdentity) else None
+
+
 _REASONS = {
     200: "OK",
     400: "Bad Request",
@@ -80,6 +104,13 @@ _REASONS = {
 }
 
 
+def _phrase(code: int) -> str:
+    try:
+        return HTTPStatus(code).phrase
+    except ValueError:
+        return "Error"
+
+
 def plain_response(
     start_response: StartResponse,
     code: int,
@@ -88,7 +119,7 @@ def plain_response(
     exc_info: Any = None,
 ) -> list[bytes]:
     """Answer with a short text body (default: the status phrase)."""
-    phrase = _REASONS.get(code, "Error")
+    phrase = _REASONS.get(code) or _phrase(code)
     data = ((body if body is not None else phrase) + "\n").encode()
     start_response(
         f"{code} {phrase}",
@@ -113,8 +144,24 @@ def refuse(
 ) -> list[bytes]:
     """Refuse the request with *code*; *reason* goes to the access log, not the client.
 
-    The client sees only the status phrase, so the reason may be specific
-    (``"token expired"``) but must never contain a secret.
+    The client sees only the status phrase, so the reason may be specific but
+    must never contain a secret. Write it as ``"class: detail"``, a short fixed
+    class first (``"rate limited: identity"``, ``"not allowed: bob@example.com"``):
+    the access log keeps all of it, metrics count by :func:`refusal_class`.
+    *headers* are added to the response (e.g. ``Retry-After``).
     """
     environ[REFUSAL] = reason
     return plain_response(start_response, code, headers=headers)
+
+
+_CLASS_CHARS = re.compile(r"[^a-z0-9 _.-]+")
+
+
+def refusal_class(reason: str, max_length: int = 40) -> str:
+    """The fixed part of a refusal *reason*: the text before the first ``:``,
+    lower-cased, reduced to ``[a-z0-9 _.-]`` and at most *max_length* characters.
+
+    ``refusal_class("not allowed: bob@example.com") == "not allowed"``.
+    """
+    head = reason.partition(":")[0].strip().lower()
+    return _CLASS_CHARS.sub("", head)[:max_length].strip() or "unspecified"

@@ -17,7 +17,7 @@ from typing import TYPE_CHECKING, Any
 
 from . import plugins
 from .config import Config, from_mapping
-from .context import STEP, plain_response
+from .context import STEP, UPSTREAM_URL, plain_response
 from .forwarder import Forwarder
 from .headers import sanitize
 from .middleware.health import Health
@@ -88,6 +88,8 @@ class Pipeline:
 
     def __call__(self, environ: WSGIEnvironment, start_response: StartResponse) -> Iterable[bytes]:
         sanitize(environ, strip_impersonation=self._strip_impersonation)
+        # Known before any step runs, so a plugin can use it on the way in.
+        environ[UPSTREAM_URL] = self.forwarder.url
         return self.app(environ, start_response)
 
     def close(self) -> None:

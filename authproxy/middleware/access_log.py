@@ -2,13 +2,18 @@
 
 from __future__ import annotations
 
-import ipaddress
 import json
 import logging
 import time
 from collections.abc import Iterable, Iterator
 from typing import TYPE_CHECKING, Any
 
+from ..addresses import (
+    CLIENT_ADDRESS,
+    DEFAULT_TRUSTED_PROXIES,
+    client_address,
+    parse_networks,
+)
 from ..context import IDENTITY, REFUSAL, REQUEST_ID, UPSTREAM_MS
 from ..errors import ConfigError
 from ..headers import environ_key
@@ -31,38 +36,8 @@ SENSITIVE_HEADERS = frozenset(
     }
 )
 _FORMATS = ("json", "combined")
-_Network = ipaddress.IPv4Network | ipaddress.IPv6Network
 
-
-def parse_networks(values: Iterable[str], key: str) -> tuple[_Network, ...]:
-    try:
-        return tuple(ipaddress.ip_network(v, strict=False) for v in values)
-    except (TypeError, ValueError) as exc:
-        raise ConfigError(key, f"expected CIDR networks, {exc}") from None
-
-
-def client_address(
-    environ: WSGIEnvironment, trusted: tuple[_Network, ...], header_key: str
-) -> str:
-    """The client's address: the peer, or, when the peer is a trusted proxy,
-    the nearest untrusted address in *header_key* (X-Forwarded-For style)."""
-    peer = environ.get("REMOTE_ADDR") or "-"
-    forwarded = environ.get(header_key)
-    if not forwarded or not trusted or not _in(peer, trusted):
-        return peer
-    hops = [h.strip() for h in forwarded.split(",") if h.strip()]
-    for hop in reversed(hops):
-        if not _in(hop, trusted):
-            return hop
-    return hops[0] if hops else peer
-
-
-def _in(address: str, networks: tuple[_Network, ...]) -> bool:
-    try:
-        ip = ipaddress.ip_address(address)
-    except ValueError:
-        return False
-    return any(ip in net for net in networks)
+__all__ = ["SENSITIVE_HEADERS", "AccessLog", "client_address", "parse_networks"]
 
 
 class AccessLog:
@@ -73,7 +48,9 @@ class AccessLog:
     :param logger: name of the :class:`logging.Logger` written to (level INFO).
     :param log_query: keep the query string in the logged path (off: it often
         carries tokens).
-    :param trusted_proxies: CIDR networks whose ``client_ip_header`` is believed.
+    :param trusted_proxies: CIDR networks whose ``client_ip_header`` is believed
+        (default: loopback). The resolved address is left in
+        ``environ["authproxy.client_address"]`` for the steps inside.
     :param client_ip_header: ``X-Forwarded-For``, or e.g. ``Cf-Connecting-Ip``
         behind cloudflared.
     :param log_headers: request headers to add to each line, for debugging;
@@ -105,7 +82,7 @@ class AccessLog:
         self.logger = logging.getLogger(logger)
         self.log_query = log_query
         self.trusted = parse_networks(
-            ["127.0.0.0/8", "::1/128"] if trusted_proxies is None else trusted_proxies,
+            DEFAULT_TRUSTED_PROXIES if trusted_proxies is None else trusted_proxies,
             "trusted_proxies",
         )
         self.client_ip_key = environ_key(client_ip_header)
@@ -114,8 +91,11 @@ class AccessLog:
     def __call__(self, environ: WSGIEnvironment, start_response: StartResponse) -> Iterable[bytes]:
         started = time.time()
         # Read before the inner steps rewrite headers (identity, injection).
+        client = client_address(environ, self.trusted, self.client_ip_key)
+        # Steps inside (ip-allow, ratelimit) judge the same address the log shows.
+        environ[CLIENT_ADDRESS] = client
         record: dict[str, Any] = {
-            "client": client_address(environ, self.trusted, self.client_ip_key),
+            "client": client,
             "user_agent": environ.get("HTTP_USER_AGENT"),
             "referer": environ.get("HTTP_REFERER"),
         }

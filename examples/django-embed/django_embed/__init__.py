@@ -1,0 +1,1 @@
+"""A plain Django app behind authproxy's identity and access-log middlewares."""
