@@ -273,7 +273,11 @@ class Forwarder:
             except BaseException as exc:
                 conn.close()
                 pool._put_conn(conn)
-                if isinstance(exc, (urllib3.exceptions.TimeoutError, TimeoutError)):
+                # urllib3's NewConnectionError (refused, unreachable) subclasses
+                # ConnectTimeoutError for history's sake: it is no timeout.
+                if isinstance(
+                    exc, (urllib3.exceptions.TimeoutError, TimeoutError)
+                ) and not isinstance(exc, urllib3.exceptions.NewConnectionError):
                     raise UpstreamTimeout(str(exc)) from exc
                 retry = (
                     attempt == 0
