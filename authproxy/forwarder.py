@@ -232,9 +232,14 @@ class Forwarder:
         if remote:
             prior = headers.get("X-Forwarded-For")
             headers["X-Forwarded-For"] = f"{prior}, {remote}" if prior else remote
-        headers.setdefault("X-Forwarded-Proto", environ.get("wsgi.url_scheme", "http"))
+        # Set, not defaulted: a client's own X-Forwarded-Proto/Host would be a
+        # claim the upstream believes. The server already honours a trusted
+        # front proxy's scheme (forwarded_allow_ips) in wsgi.url_scheme.
+        headers["X-Forwarded-Proto"] = environ.get("wsgi.url_scheme", "http")
         if client_host:
-            headers.setdefault("X-Forwarded-Host", client_host)
+            headers["X-Forwarded-Host"] = client_host
+        else:
+            headers.pop("X-Forwarded-Host", None)
         # Forward exactly what the client sent: the HTTP library adds nothing.
         headers.setdefault("User-Agent", SKIP_HEADER)
         headers.setdefault("Accept-Encoding", SKIP_HEADER)
