@@ -54,6 +54,9 @@ SMALL_BODY = 64 * 1024
 _STREAMING_TYPES = ("text/event-stream",)
 _NO_BODY_STATUS = frozenset({204, 304})
 _IDEMPOTENT = frozenset({"GET", "HEAD", "OPTIONS", "TRACE", "PUT", "DELETE"})
+#: Upstreams already warned about (tls_verify = false). ``authproxy serve`` builds
+#: the app once before forking, so its workers inherit this and stay quiet.
+_WARNED_INSECURE: set[str] = set()
 _GENERIC_BODY = {
     "502 Bad Gateway": b"Bad Gateway\n",
     "504 Gateway Timeout": b"Gateway Timeout\n",
@@ -158,7 +161,9 @@ class Forwarder:
         self._timeout = urllib3.Timeout(connect=connect_timeout, read=read_timeout)
         self._connect_timeout = connect_timeout
         if tls_verify is False and parts.scheme == "https":
-            log.warning("TLS verification of the upstream %s is OFF (tls_verify = false)", url)
+            if url not in _WARNED_INSECURE:
+                _WARNED_INSECURE.add(url)
+                log.warning("TLS verification of the upstream %s is OFF (tls_verify = false)", url)
             warnings.filterwarnings("ignore", category=InsecureRequestWarning)
         cert: str | tuple[str, str] | None = client_cert
         if client_cert and client_key:
