@@ -127,6 +127,12 @@ def from_mapping(data: Mapping[str, Any], source: str = "<python>") -> Config:
         raise ConfigError("upstream.url", "required: the URL of the app to protect")
     if isinstance(upstream.tls_verify, str) and not os.path.exists(upstream.tls_verify):
         raise ConfigError("upstream.tls_verify", f"CA bundle {upstream.tls_verify!r} not found")
+    for key in ("client_cert", "client_key"):
+        path = getattr(upstream, key)
+        if path is not None and not os.path.isfile(path):
+            raise ConfigError(f"upstream.{key}", f"file {path!r} not found")
+    if upstream.client_key is not None and upstream.client_cert is None:
+        raise ConfigError("upstream.client_key", "given without upstream.client_cert")
     server: ServerConfig = sections["server"]
     _check_listen(server.listen, "server.listen")
     for key in ("workers", "threads"):
