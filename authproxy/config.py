@@ -142,6 +142,11 @@ def from_mapping(data: Mapping[str, Any], source: str = "<python>") -> Config:
         raise ConfigError(
             "server.worker_class", f"expected one of {_WORKER_CLASSES}, got {server.worker_class!r}"
         )
+    health: HealthConfig = sections["health"]
+    for key in ("live", "ready"):
+        path = getattr(health, key)
+        if path is not None and not path.startswith("/"):
+            raise ConfigError(f"health.{key}", f"expected a path starting with '/', got {path!r}")
     raw_pipeline = data.get("pipeline", [])
     if not isinstance(raw_pipeline, list):
         raise ConfigError("pipeline", "expected an array of tables ([[pipeline]])")
@@ -158,7 +163,7 @@ def from_mapping(data: Mapping[str, Any], source: str = "<python>") -> Config:
     return Config(
         upstream=upstream,
         server=server,
-        health=sections["health"],
+        health=health,
         request_id=sections["request_id"],
         pipeline=tuple(steps),
         source=source,
