@@ -27,6 +27,7 @@ from .errors import ConfigError
 
 DEFAULT_FILE = "authproxy.toml"
 _WORKER_CLASSES = ("gthread", "sync", "gevent", "eventlet", "tornado")
+_LOG_LEVELS = ("debug", "info", "warning", "error", "critical")
 
 
 @dataclass(frozen=True)
@@ -138,6 +139,17 @@ def from_mapping(data: Mapping[str, Any], source: str = "<python>") -> Config:
     for key in ("workers", "threads"):
         if getattr(server, key) < 1:
             raise ConfigError(f"server.{key}", f"expected at least 1, got {getattr(server, key)}")
+    for key in ("timeout", "graceful_timeout"):
+        if not getattr(server, key) > 0:
+            raise ConfigError(
+                f"server.{key}", f"expected a positive number, got {getattr(server, key)!r}"
+            )
+    if server.keepalive < 0:
+        raise ConfigError("server.keepalive", f"expected 0 or more, got {server.keepalive!r}")
+    if server.log_level.lower() not in _LOG_LEVELS:
+        raise ConfigError(
+            "server.log_level", f"expected one of {_LOG_LEVELS}, got {server.log_level!r}"
+        )
     if server.worker_class not in _WORKER_CLASSES:
         raise ConfigError(
             "server.worker_class", f"expected one of {_WORKER_CLASSES}, got {server.worker_class!r}"
