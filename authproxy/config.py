@@ -21,6 +21,7 @@ import typing
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any
+from urllib.parse import urlsplit
 
 from ._types import conforms, describe
 from .errors import ConfigError
@@ -126,6 +127,11 @@ def from_mapping(data: Mapping[str, Any], source: str = "<python>") -> Config:
     upstream: UpstreamConfig = sections["upstream"]
     if not upstream.url:
         raise ConfigError("upstream.url", "required: the URL of the app to protect")
+    url = urlsplit(upstream.url)
+    if url.scheme not in ("http", "https") or not url.hostname:
+        raise ConfigError(
+            "upstream.url", f"expected an http:// or https:// URL with a host, got {upstream.url!r}"
+        )
     if isinstance(upstream.tls_verify, str) and not os.path.exists(upstream.tls_verify):
         raise ConfigError("upstream.tls_verify", f"CA bundle {upstream.tls_verify!r} not found")
     for key in ("client_cert", "client_key"):
