@@ -86,7 +86,10 @@ def request_target(environ: WSGIEnvironment) -> str | None:
     """
     raw = environ.get("RAW_URI") or environ.get("REQUEST_URI")
     if raw is None:
-        path = quote(environ.get("SCRIPT_NAME", "") + environ.get("PATH_INFO", ""), safe="/;=,%")
+        path = environ.get("SCRIPT_NAME", "") + environ.get("PATH_INFO", "")
+        # PEP 3333: the decoded path is bytes as latin-1, and a "%" in it was "%25".
+        encoding = "latin-1" if all(ord(c) < 256 for c in path) else "utf-8"
+        path = quote(path, safe="/!$&'()*+,;=:@", encoding=encoding)
         query = environ.get("QUERY_STRING")
         return path + "?" + query if query else path or "/"
     if raw.startswith("/"):
