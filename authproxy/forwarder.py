@@ -218,9 +218,9 @@ class Forwarder:
         try:
             response = self._send(method, target, self._headers(environ), body, chunked)
         except UpstreamError as exc:
-            log.warning(
-                "upstream %s failed: %s %s: %s", self.url, method, target, type(exc).__name__
-            )
+            # The path only: queries often carry tokens.
+            path = target.partition("?")[0]
+            log.warning("upstream %s failed: %s %s: %s", self.url, method, path, type(exc).__name__)
             return _error(start_response, exc.status)
         environ[UPSTREAM_MS_KEY] = (time.perf_counter() - started) * 1000.0
         return self._relay(method, response, start_response)
