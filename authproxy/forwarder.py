@@ -84,7 +84,7 @@ def request_target(environ: WSGIEnvironment) -> str | None:
     An absolute-form target (``GET http://other.host/x``) keeps only its path:
     the host it names is never contacted.
     """
-    raw = environ.get("RAW_URI") or environ.get("REQUEST_URI")
+    raw: str | None = environ.get("RAW_URI") or environ.get("REQUEST_URI")
     if raw is None:
         path = environ.get("SCRIPT_NAME", "") + environ.get("PATH_INFO", "")
         # PEP 3333: the decoded path is bytes as latin-1, and a "%" in it was "%25".
@@ -175,7 +175,9 @@ class Forwarder:
         prepared = requests.Request("GET", f"{parts.scheme}://{parts.netloc}/").prepare()
         adapter = self.session.get_adapter(prepared.url or "")
         assert isinstance(adapter, HTTPAdapter)
-        self._pool = adapter.get_connection_with_tls_context(prepared, tls_verify, cert=cert)
+        pool = adapter.get_connection_with_tls_context(prepared, tls_verify, cert=cert)
+        assert isinstance(pool, urllib3.HTTPConnectionPool)
+        self._pool = pool
         self._ready_at = 0.0
         self._ready = False
         self._ready_lock = threading.Lock()
@@ -268,7 +270,7 @@ class Forwarder:
         # before anything was answered and the request can be sent again.
         for attempt in (0, 1):
             conn = pool._get_conn()
-            reused = conn.sock is not None
+            reused = getattr(conn, "sock", None) is not None
             try:
                 return pool._make_request(
                     conn,
