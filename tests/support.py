@@ -22,6 +22,7 @@ import threading
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 from typing import Any
 
@@ -252,6 +253,56 @@ class Upstream:
         self.port = self.server.server_port
         threading.Thread(target=self.server.serve_forever, daemon=True).start()
         return self
+
+    def stop(self) -> None:
+        self.server.shutdown()
+        self.server.server_close()
+
+
+class _KeepAliveHandler(BaseHTTPRequestHandler):
+    protocol_version = "HTTP/1.1"  # keeps connections open, unlike werkzeug's dev server
+
+    def log_message(self, format: str, *args: Any) -> None:  # noqa: A002
+        pass
+
+    def do_GET(self) -> None:
+        owner: KeepAliveUpstream = self.server.owner  # type: ignore[attr-defined]
+        owner.seen.append((self.path, self.client_address[1]))
+        if self.path == "/endless":
+            self.send_response(200)
+            self.send_header("Content-Length", str(1 << 40))
+            self.end_headers()
+            block = b"k" * 65536
+            try:
+                for _ in range(1 << 16):  # 4 GiB at most
+                    self.wfile.write(block)
+            except OSError:
+                owner.disconnected.set()
+            self.close_connection = True
+            return
+        self.send_response(200)
+        self.send_header("Content-Length", "2")
+        self.end_headers()
+        self.wfile.write(b"ok")
+
+
+class KeepAliveUpstream:
+    """A plain HTTP/1.1 upstream that keeps connections alive (as real apps do).
+
+    ``seen`` holds (path, client port) per request, so connection reuse shows;
+    ``/endless`` sends a body with a huge Content-Length until the reader
+    goes away, then sets ``disconnected``; anything else is 200 ``ok``.
+    """
+
+    def __init__(self) -> None:
+        self.seen: list[tuple[str, int]] = []
+        self.disconnected = threading.Event()
+        self.server = ThreadingHTTPServer(("127.0.0.1", 0), _KeepAliveHandler)
+        self.server.daemon_threads = True
+        self.server.owner = self  # type: ignore[attr-defined]
+        self.port = self.server.server_address[1]
+        self.url = f"http://127.0.0.1:{self.port}"
+        threading.Thread(target=self.server.serve_forever, daemon=True).start()
 
     def stop(self) -> None:
         self.server.shutdown()

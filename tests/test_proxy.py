@@ -20,6 +20,7 @@ import requests
 from .conftest import bearer_config
 from .support import (
     TOKEN,
+    KeepAliveUpstream,
     Pki,
     Proxy,
     Upstream,
@@ -535,19 +536,39 @@ def test_small_truncated_body_becomes_502(proxy: Proxy) -> None:
     assert response.text == "Bad Gateway\n"
 
 
+@pytest.mark.parametrize("keep_alive", [False, True])
 def test_client_going_away_closes_the_upstream_response(
-    proxy: Proxy, upstream: Upstream
+    start_proxy: StartProxy, upstream: Upstream, keep_alive: bool
 ) -> None:
-    response = requests.get(proxy.url + "/endless", stream=True, timeout=30)
-    assert response.status_code == 200
-    received = 0
-    for chunk in response.iter_content(65536):
-        received += len(chunk)
-        if received > 1 << 20:
-            break
-    assert not upstream.disconnected.is_set()
-    response.close()
-    assert upstream.disconnected.wait(60), "the upstream never saw the client leave"
+    """With a keep-alive upstream nothing but the forwarder can close that connection."""
+    server: Upstream | KeepAliveUpstream = KeepAliveUpstream() if keep_alive else upstream
+    try:
+        proxy = start_proxy({"upstream": {"url": server.url}})
+        response = requests.get(proxy.url + "/endless", stream=True, timeout=30)
+        assert response.status_code == 200
+        received = 0
+        for chunk in response.iter_content(65536):
+            received += len(chunk)
+            if received > 1 << 20:
+                break
+        assert not server.disconnected.is_set()
+        response.close()
+        assert server.disconnected.wait(60), "the upstream never saw the client leave"
+    finally:
+        if keep_alive:
+            server.stop()
+
+
+def test_upstream_connections_are_pooled(start_proxy: StartProxy) -> None:
+    server = KeepAliveUpstream()
+    try:
+        proxy = start_proxy({"upstream": {"url": server.url}})
+        for path in ("/one", "/two", "/three"):
+            assert get(proxy, path).text == "ok"
+        assert [path for path, _ in server.seen] == ["/one", "/two", "/three"]
+        assert len({port for _, port in server.seen}) == 1, "a new connection per request"
+    finally:
+        server.stop()
 
 
 # -- bodies in both directions -------------------------------------------------------
