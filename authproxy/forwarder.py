@@ -318,6 +318,19 @@ class Forwarder:
         if "connection" in raw:
             drop = drop.union(connection_tokens(raw["connection"]))
         headers = [(k, v) for k, v in raw.iteritems() if k.lower() not in drop]
+        if "content-length" in raw:
+            # Framing the upstream got wrong must not reach the client: one
+            # length, once, and never next to Transfer-Encoding (which wins).
+            headers = [(k, v) for k, v in headers if k.lower() != "content-length"]
+            lengths = {v.strip() for v in ",".join(raw.getlist("content-length")).split(",")}
+            if "transfer-encoding" not in raw:
+                value = lengths.pop()
+                if lengths or not (value.isascii() and value.isdigit()):
+                    response.close()
+                    response.release_conn()
+                    log.warning("upstream %s sent a malformed Content-Length", self.url)
+                    return _error(start_response, "502 Bad Gateway")
+                headers.append(("Content-Length", value))
         status = f"{response.status} {response.reason}"
         length = response.length_remaining
         if method == "HEAD" or response.status in _NO_BODY_STATUS or length == 0:
