@@ -309,6 +309,21 @@ class KeepAliveUpstream:
         self.server.server_close()
 
 
+def one_answer_upstream(answer: bytes) -> tuple[socket.socket, threading.Thread]:
+    """A listener that reads one request and sends *answer* byte for byte, then closes."""
+    listener = socket.create_server(("127.0.0.1", 0))
+
+    def serve_once() -> None:
+        conn, _ = listener.accept()
+        with conn:
+            conn.recv(65536)
+            conn.sendall(answer)
+
+    thread = threading.Thread(target=serve_once, daemon=True)
+    thread.start()
+    return listener, thread
+
+
 def _pattern(n: int) -> Iterator[bytes]:
     block = bytes(range(256)) * 256  # 64 KiB
     while n > 0:

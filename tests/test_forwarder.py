@@ -21,7 +21,7 @@ from authproxy.forwarder import (
     request_target,
 )
 
-from .support import TOKEN, Upstream, free_port
+from .support import TOKEN, Upstream, free_port, one_answer_upstream
 
 
 @pytest.mark.parametrize(
@@ -255,3 +255,52 @@ def test_impersonation_headers(upstream: Upstream) -> None:
     assert not upstream.last().header_names() & {"impersonate-user", "impersonate-extra-scopes"}
     Client(Forwarder(upstream.url, strip_impersonation=False)).get("/", headers=headers)
     assert upstream.last().header("Impersonate-User") == "admin"
+
+
+@pytest.mark.parametrize(
+    "answer",
+    [
+        b"",
+        b"garbage\r\n\r\n",
+        b"HTTP/1.1 200 OK\r\nContent-Length: x\r\n\r\nhello",
+        b"HTTP/1.1 200 OK\r\nContent-Length: -5\r\n\r\nhello",
+        b"HTTP/1.1 200 OK\r\nContent-Length: 5, 6\r\n\r\nhello",
+        b"HTTP/1.1 200 OK\r\nContent-Length: 5\r\nContent-Length: 6\r\n\r\nhello",
+    ],
+)
+def test_broken_upstream_answers_are_502(answer: bytes) -> None:
+    """Closing without an answer, a non-HTTP answer, a malformed length: a generic 502."""
+    listener, thread = one_answer_upstream(answer)
+    try:
+        port = listener.getsockname()[1]
+        response = Client(Forwarder(f"http://127.0.0.1:{port}")).get("/")
+        assert (response.status_code, response.data) == (502, b"Bad Gateway\n")
+    finally:
+        thread.join(10)
+        listener.close()
+
+
+@pytest.mark.parametrize(
+    ("answer", "length"),
+    [
+        (b"HTTP/1.1 200 OK\r\nContent-Length: 5, 5\r\n\r\nhello", ["5"]),
+        (b"HTTP/1.1 200 OK\r\nContent-Length: 5\r\nContent-Length: 5\r\n\r\nhello", ["5"]),
+        (
+            b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\nContent-Length: 100\r\n\r\n"
+            b"5\r\nhello\r\n0\r\n\r\n",
+            [],
+        ),
+    ],
+)
+def test_content_length_is_relayed_once_and_never_with_chunking(
+    answer: bytes, length: list[str]
+) -> None:
+    listener, thread = one_answer_upstream(answer)
+    try:
+        port = listener.getsockname()[1]
+        response = Client(Forwarder(f"http://127.0.0.1:{port}")).get("/")
+        assert (response.status_code, response.get_data()) == (200, b"hello")
+        assert response.headers.getlist("Content-Length") == length
+    finally:
+        thread.join(10)
+        listener.close()

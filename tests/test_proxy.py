@@ -23,11 +23,13 @@ from .support import (
     KeepAliveUpstream,
     Pki,
     Proxy,
+    RawResponse,
     Upstream,
     assert_no_secret,
     free_port,
     gzip_big,
     make_pki,
+    one_answer_upstream,
     raw_request,
     rss_kib,
     sha256_of_pattern,
@@ -36,6 +38,14 @@ from .support import (
 
 StartProxy = Callable[..., Proxy]
 BEARER = f"Bearer {TOKEN}"
+
+
+def raw(port: int, data: bytes) -> RawResponse:
+    """A raw-socket exchange; the token must be in neither the headers nor the body."""
+    response = raw_request(port, data)
+    assert all(TOKEN not in name + value for name, value in response.headers)
+    assert TOKEN.encode() not in response.body
+    return response
 
 
 def get(proxy: Proxy, path: str, **kwargs: Any) -> requests.Response:
@@ -101,7 +111,7 @@ def test_raw_path_and_query_arrive_byte_exact(
     proxy: Proxy, upstream: Upstream, target: str
 ) -> None:
     request = f"GET {target} HTTP/1.1\r\nHost: example.test\r\nConnection: close\r\n\r\n"
-    response = raw_request(proxy.port, request.encode())
+    response = raw(proxy.port, request.encode())
     assert response.status == 200, response
     assert upstream.last().target == target
 
@@ -124,7 +134,7 @@ def test_upstream_base_path_is_joined_like_go(
     config["upstream"]["url"] = upstream.url + base
     proxy = start_proxy(config)
     request = f"GET {target} HTTP/1.1\r\nHost: example.test\r\nConnection: close\r\n\r\n"
-    assert raw_request(proxy.port, request.encode()).status == 200
+    assert raw(proxy.port, request.encode()).status == 200
     assert upstream.last().target == expected
 
 
@@ -135,7 +145,7 @@ def test_absolute_form_target_reaches_only_the_upstream(proxy: Proxy, upstream: 
             f"GET http://127.0.0.1:{other.port}/elsewhere?q=1 HTTP/1.1\r\n"
             f"Host: 127.0.0.1:{other.port}\r\nConnection: close\r\n\r\n"
         )
-        response = raw_request(proxy.port, request.encode())
+        response = raw(proxy.port, request.encode())
         assert response.status == 200
         assert TOKEN.encode() not in response.body
         assert upstream.last().target == "/elsewhere?q=1"
@@ -190,7 +200,7 @@ def test_hop_by_hop_request_headers_are_stripped(proxy: Proxy, upstream: Upstrea
         "X-End-To-End: kept\r\n"
         "\r\n"
     )
-    assert raw_request(proxy.port, request.encode()).status == 200
+    assert raw(proxy.port, request.encode()).status == 200
     names = upstream.last().header_names()
     for gone in (
         "x-listed",
@@ -215,7 +225,7 @@ def test_te_trailers_is_kept_as_go_does(proxy: Proxy, upstream: Upstream, connec
         "GET / HTTP/1.1\r\nHost: example.test\r\n"
         f"Connection: {connection}\r\nTe: gzip, trailers\r\n\r\n"
     )
-    assert raw_request(proxy.port, request.encode()).status == 200
+    assert raw(proxy.port, request.encode()).status == 200
     assert upstream.last().header("Te") == "trailers"
 
 
@@ -277,10 +287,11 @@ def test_preserve_host(start_proxy: StartProxy, upstream: Upstream) -> None:
 
 def test_no_user_agent_or_accept_encoding_of_its_own(proxy: Proxy, upstream: Upstream) -> None:
     request = b"GET /bare HTTP/1.1\r\nHost: example.test\r\nConnection: close\r\n\r\n"
-    assert raw_request(proxy.port, request).status == 200
+    assert raw(proxy.port, request).status == 200
     names = upstream.last().header_names()
     assert "user-agent" not in names
     assert "accept-encoding" not in names
+    assert "connection" not in names
     assert names >= {"host", "authorization", "x-forwarded-for"}
     get(proxy, "/", headers={"User-Agent": "curl/8.0", "Accept-Encoding": "br"})
     assert upstream.last().header("User-Agent") == "curl/8.0"
@@ -296,6 +307,8 @@ def test_compressed_body_passes_byte_identical(proxy: Proxy, upstream: Upstream,
         proxy.url + path, headers={"Accept-Encoding": "gzip"}, stream=True, timeout=30
     )
     body = response.raw.read(decode_content=False)
+    assert TOKEN.encode() not in body
+    assert all(TOKEN not in value for value in response.headers.values())
     assert response.headers["Content-Encoding"] == "gzip"
     expected = gzip_big() if path == "/gzip-big" else gzip.compress(b"hello " * 1000)
     assert gzip.decompress(body) == gzip.decompress(expected)
@@ -521,13 +534,39 @@ def test_mid_stream_failure_is_incomplete_on_the_wire(proxy: Proxy) -> None:
     for path in ("/truncate", "/truncate-chunked"):
         request = f"GET {path} HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n".encode()
         with pytest.raises(http_incomplete()):
-            raw_request(proxy.port, request)
+            raw(proxy.port, request)
 
 
 def http_incomplete() -> tuple[type[BaseException], ...]:
     import http.client
 
     return (http.client.IncompleteRead, ConnectionError)
+
+
+@pytest.mark.parametrize(
+    ("answer", "status", "body"),
+    [
+        (b"HTTP/1.1 200 OK\r\nContent-Length: x\r\n\r\nhello", 502, b"Bad Gateway\n"),
+        (
+            b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\nContent-Length: 2\r\n\r\n"
+            b"5\r\nhello\r\n0\r\n\r\n",
+            200,
+            b"hello",
+        ),
+    ],
+)
+def test_upstream_framing_errors_do_not_reach_the_client(
+    start_proxy: StartProxy, answer: bytes, status: int, body: bytes
+) -> None:
+    listener, thread = one_answer_upstream(answer)
+    try:
+        proxy = start_proxy({"upstream": {"url": f"http://127.0.0.1:{listener.getsockname()[1]}"}})
+        response = raw(proxy.port, b"GET / HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n")
+        assert (response.status, response.body) == (status, body)
+        assert "Traceback" not in proxy.logs()
+    finally:
+        thread.join(10)
+        listener.close()
 
 
 def test_small_truncated_body_becomes_502(proxy: Proxy) -> None:
