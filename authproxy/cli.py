@@ -45,7 +45,10 @@ def describe(config: Config, pipeline: Any) -> str:
         f"  - request-id ({config.request_id.header})",
     ]
     for (name, step), spec in zip(pipeline.steps, config.pipeline, strict=True):
-        shown = step.describe() if hasattr(step, "describe") else _redact_options(dict(spec.options))
+        if hasattr(step, "describe"):
+            shown = step.describe()
+        else:
+            shown = _redact_options(dict(spec.options))
         lines.append(f"  - {name} {json.dumps(shown, sort_keys=True)}")
     lines.append(f"  - forwarder -> {up.url}")
     return "\n".join(lines)

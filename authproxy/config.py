@@ -21,12 +21,14 @@ import typing
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any
+from urllib.parse import urlsplit
 
 from ._types import conforms, describe
 from .errors import ConfigError
 
 DEFAULT_FILE = "authproxy.toml"
 _WORKER_CLASSES = ("gthread", "sync", "gevent", "eventlet", "tornado")
+_LOG_LEVELS = ("debug", "info", "warning", "error", "critical")
 
 
 @dataclass(frozen=True)
@@ -125,17 +127,44 @@ def from_mapping(data: Mapping[str, Any], source: str = "<python>") -> Config:
     upstream: UpstreamConfig = sections["upstream"]
     if not upstream.url:
         raise ConfigError("upstream.url", "required: the URL of the app to protect")
+    url = urlsplit(upstream.url)
+    if url.scheme not in ("http", "https") or not url.hostname:
+        raise ConfigError(
+            "upstream.url", f"expected an http:// or https:// URL with a host, got {upstream.url!r}"
+        )
     if isinstance(upstream.tls_verify, str) and not os.path.exists(upstream.tls_verify):
         raise ConfigError("upstream.tls_verify", f"CA bundle {upstream.tls_verify!r} not found")
+    for key in ("client_cert", "client_key"):
+        path = getattr(upstream, key)
+        if path is not None and not os.path.isfile(path):
+            raise ConfigError(f"upstream.{key}", f"file {path!r} not found")
+    if upstream.client_key is not None and upstream.client_cert is None:
+        raise ConfigError("upstream.client_key", "given without upstream.client_cert")
     server: ServerConfig = sections["server"]
     _check_listen(server.listen, "server.listen")
     for key in ("workers", "threads"):
         if getattr(server, key) < 1:
             raise ConfigError(f"server.{key}", f"expected at least 1, got {getattr(server, key)}")
+    for key in ("timeout", "graceful_timeout"):
+        if not getattr(server, key) > 0:
+            raise ConfigError(
+                f"server.{key}", f"expected a positive number, got {getattr(server, key)!r}"
+            )
+    if server.keepalive < 0:
+        raise ConfigError("server.keepalive", f"expected 0 or more, got {server.keepalive!r}")
+    if server.log_level.lower() not in _LOG_LEVELS:
+        raise ConfigError(
+            "server.log_level", f"expected one of {_LOG_LEVELS}, got {server.log_level!r}"
+        )
     if server.worker_class not in _WORKER_CLASSES:
         raise ConfigError(
             "server.worker_class", f"expected one of {_WORKER_CLASSES}, got {server.worker_class!r}"
         )
+    health: HealthConfig = sections["health"]
+    for key in ("live", "ready"):
+        path = getattr(health, key)
+        if path is not None and not path.startswith("/"):
+            raise ConfigError(f"health.{key}", f"expected a path starting with '/', got {path!r}")
     raw_pipeline = data.get("pipeline", [])
     if not isinstance(raw_pipeline, list):
         raise ConfigError("pipeline", "expected an array of tables ([[pipeline]])")
@@ -152,7 +181,7 @@ def from_mapping(data: Mapping[str, Any], source: str = "<python>") -> Config:
     return Config(
         upstream=upstream,
         server=server,
-        health=sections["health"],
+        health=health,
         request_id=sections["request_id"],
         pipeline=tuple(steps),
         source=source,

@@ -37,7 +37,9 @@ def echo_app(environ: WSGIEnvironment, start_response: StartResponse) -> list[by
         "body_bytes": len(body),
     }
     data = (json.dumps(received, indent=2, sort_keys=True) + "\n").encode()
-    start_response("200 OK", [("Content-Type", "application/json"), ("Content-Length", str(len(data)))])
+    start_response(
+        "200 OK", [("Content-Type", "application/json"), ("Content-Length", str(len(data)))]
+    )
     return [data]
 
 

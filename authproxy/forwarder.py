@@ -54,6 +54,9 @@ SMALL_BODY = 64 * 1024
 _STREAMING_TYPES = ("text/event-stream",)
 _NO_BODY_STATUS = frozenset({204, 304})
 _IDEMPOTENT = frozenset({"GET", "HEAD", "OPTIONS", "TRACE", "PUT", "DELETE"})
+#: Upstreams already warned about (tls_verify = false). ``authproxy serve`` builds
+#: the app once before forking, so its workers inherit this and stay quiet.
+_WARNED_INSECURE: set[str] = set()
 _GENERIC_BODY = {
     "502 Bad Gateway": b"Bad Gateway\n",
     "504 Gateway Timeout": b"Gateway Timeout\n",
@@ -81,9 +84,12 @@ def request_target(environ: WSGIEnvironment) -> str | None:
     An absolute-form target (``GET http://other.host/x``) keeps only its path:
     the host it names is never contacted.
     """
-    raw = environ.get("RAW_URI") or environ.get("REQUEST_URI")
+    raw: str | None = environ.get("RAW_URI") or environ.get("REQUEST_URI")
     if raw is None:
-        path = quote(environ.get("SCRIPT_NAME", "") + environ.get("PATH_INFO", ""), safe="/;=,%")
+        path = environ.get("SCRIPT_NAME", "") + environ.get("PATH_INFO", "")
+        # PEP 3333: the decoded path is bytes as latin-1, and a "%" in it was "%25".
+        encoding = "latin-1" if all(ord(c) < 256 for c in path) else "utf-8"
+        path = quote(path, safe="/!$&'()*+,;=:@", encoding=encoding)
         query = environ.get("QUERY_STRING")
         return path + "?" + query if query else path or "/"
     if raw.startswith("/"):
@@ -158,7 +164,9 @@ class Forwarder:
         self._timeout = urllib3.Timeout(connect=connect_timeout, read=read_timeout)
         self._connect_timeout = connect_timeout
         if tls_verify is False and parts.scheme == "https":
-            log.warning("TLS verification of the upstream %s is OFF (tls_verify = false)", url)
+            if url not in _WARNED_INSECURE:
+                _WARNED_INSECURE.add(url)
+                log.warning("TLS verification of the upstream %s is OFF (tls_verify = false)", url)
             warnings.filterwarnings("ignore", category=InsecureRequestWarning)
         cert: str | tuple[str, str] | None = client_cert
         if client_cert and client_key:
@@ -167,7 +175,9 @@ class Forwarder:
         prepared = requests.Request("GET", f"{parts.scheme}://{parts.netloc}/").prepare()
         adapter = self.session.get_adapter(prepared.url or "")
         assert isinstance(adapter, HTTPAdapter)
-        self._pool = adapter.get_connection_with_tls_context(prepared, tls_verify, cert=cert)
+        pool = adapter.get_connection_with_tls_context(prepared, tls_verify, cert=cert)
+        assert isinstance(pool, urllib3.HTTPConnectionPool)
+        self._pool = pool
         self._ready_at = 0.0
         self._ready = False
         self._ready_lock = threading.Lock()
@@ -210,9 +220,9 @@ class Forwarder:
         try:
             response = self._send(method, target, self._headers(environ), body, chunked)
         except UpstreamError as exc:
-            log.warning(
-                "upstream %s failed: %s %s: %s", self.url, method, target, type(exc).__name__
-            )
+            # The path only: queries often carry tokens.
+            path = target.partition("?")[0]
+            log.warning("upstream %s failed: %s %s: %s", self.url, method, path, type(exc).__name__)
             return _error(start_response, exc.status)
         environ[UPSTREAM_MS_KEY] = (time.perf_counter() - started) * 1000.0
         return self._relay(method, response, start_response)
@@ -232,9 +242,14 @@ class Forwarder:
         if remote:
             prior = headers.get("X-Forwarded-For")
             headers["X-Forwarded-For"] = f"{prior}, {remote}" if prior else remote
-        headers.setdefault("X-Forwarded-Proto", environ.get("wsgi.url_scheme", "http"))
+        # Set, not defaulted: a client's own X-Forwarded-Proto/Host would be a
+        # claim the upstream believes. The server already honours a trusted
+        # front proxy's scheme (forwarded_allow_ips) in wsgi.url_scheme.
+        headers["X-Forwarded-Proto"] = environ.get("wsgi.url_scheme", "http")
         if client_host:
-            headers.setdefault("X-Forwarded-Host", client_host)
+            headers["X-Forwarded-Host"] = client_host
+        else:
+            headers.pop("X-Forwarded-Host", None)
         # Forward exactly what the client sent: the HTTP library adds nothing.
         headers.setdefault("User-Agent", SKIP_HEADER)
         headers.setdefault("Accept-Encoding", SKIP_HEADER)
@@ -255,7 +270,7 @@ class Forwarder:
         # before anything was answered and the request can be sent again.
         for attempt in (0, 1):
             conn = pool._get_conn()
-            reused = conn.sock is not None
+            reused = getattr(conn, "sock", None) is not None
             try:
                 return pool._make_request(
                     conn,
@@ -273,7 +288,11 @@ class Forwarder:
             except BaseException as exc:
                 conn.close()
                 pool._put_conn(conn)
-                if isinstance(exc, (urllib3.exceptions.TimeoutError, TimeoutError)):
+                # urllib3's NewConnectionError (refused, unreachable) subclasses
+                # ConnectTimeoutError for history's sake: it is no timeout.
+                if isinstance(
+                    exc, (urllib3.exceptions.TimeoutError, TimeoutError)
+                ) and not isinstance(exc, urllib3.exceptions.NewConnectionError):
                     raise UpstreamTimeout(str(exc)) from exc
                 retry = (
                     attempt == 0
@@ -299,6 +318,19 @@ class Forwarder:
         if "connection" in raw:
             drop = drop.union(connection_tokens(raw["connection"]))
         headers = [(k, v) for k, v in raw.iteritems() if k.lower() not in drop]
+        if "content-length" in raw:
+            # Framing the upstream got wrong must not reach the client: one
+            # length, once, and never next to Transfer-Encoding (which wins).
+            headers = [(k, v) for k, v in headers if k.lower() != "content-length"]
+            lengths = {v.strip() for v in ",".join(raw.getlist("content-length")).split(",")}
+            if "transfer-encoding" not in raw:
+                value = lengths.pop()
+                if lengths or not (value.isascii() and value.isdigit()):
+                    response.close()
+                    response.release_conn()
+                    log.warning("upstream %s sent a malformed Content-Length", self.url)
+                    return _error(start_response, "502 Bad Gateway")
+                headers.append(("Content-Length", value))
         status = f"{response.status} {response.reason}"
         length = response.length_remaining
         if method == "HEAD" or response.status in _NO_BODY_STATUS or length == 0:

@@ -77,6 +77,11 @@ def sanitize(environ: dict[str, Any], *, strip_impersonation: bool = True) -> No
     if SANITIZED_KEY in environ:
         return
     environ[SANITIZED_KEY] = True
+    # Like Go, look at Te before anything is removed: "Connection: te" must not
+    # hide the client's wish for trailers.
+    te = environ.get("HTTP_TE")
+    if te is not None and "trailers" in connection_tokens(te):
+        environ[TE_TRAILERS_KEY] = True
     connection = environ.get("HTTP_CONNECTION")
     if connection is not None:
         tokens = connection_tokens(connection)
@@ -90,9 +95,6 @@ def sanitize(environ: dict[str, Any], *, strip_impersonation: bool = True) -> No
                 environ.pop(key, None)
     if "HTTP_TRANSFER_ENCODING" in environ:
         environ[REQUEST_CHUNKED_KEY] = True
-    te = environ.get("HTTP_TE")
-    if te is not None and "trailers" in connection_tokens(te):
-        environ[TE_TRAILERS_KEY] = True
     for key in HOP_BY_HOP_KEYS:
         if key in environ:
             del environ[key]

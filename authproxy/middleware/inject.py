@@ -123,7 +123,9 @@ class InjectHeaders:
         )
         # Set replaces: the response's copies of those names go too.
         self._resp_drop = self._resp_remove | {r.name.lower() for r in self._resp_set}
-        self._touches_response = bool(self._resp_drop or self._resp_add or self._resp_remove_prefixes)
+        self._touches_response = bool(
+            self._resp_drop or self._resp_add or self._resp_remove_prefixes
+        )
 
     def describe(self) -> dict[str, Any]:
         """The rules with every value redacted, for ``check-config``."""

@@ -1,0 +1,217 @@
+"""The command line: ``check-config`` output and errors, ``serve`` refusing a bad config."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from authproxy.cli import _load, build_parser, main
+
+from .support import TOKEN, free_port, write_toml
+
+
+@pytest.fixture(autouse=True)
+def clean_environment(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """No ./authproxy.toml and none of the variables that select a configuration."""
+    monkeypatch.chdir(tmp_path)
+    for name in ("AUTHPROXY_CONFIG", "DASHBOARD_PROXY_URL", "DASHBOARD_TOKEN", "LISTEN_ADDRESS"):
+        monkeypatch.delenv(name, raising=False)
+
+
+def check(
+    capsys: pytest.CaptureFixture[str], *args: str
+) -> tuple[int, str, str]:
+    code = main(["check-config", *args])
+    out, err = capsys.readouterr()
+    return code, out, err
+
+
+def config_file(tmp_path: Path, config: dict[str, Any]) -> str:
+    return str(write_toml(tmp_path / "authproxy.toml", config))
+
+
+def test_check_config_prints_the_stack_with_secrets_redacted(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    token_file = tmp_path / "token"
+    token_file.write_text(TOKEN + "\n")
+    monkeypatch.setenv("API_KEY_FOR_TEST", TOKEN + "-env")
+    path = config_file(
+        tmp_path,
+        {
+            "upstream": {"url": "https://dashboard.internal", "tls_verify": False},
+            "pipeline": [
+                {"use": "access-log", "format": "json"},
+                {
+                    "use": "inject-headers",
+                    "set": {
+                        "Authorization": f"Bearer {TOKEN}",
+                        "X-From-File": f"${{file:{token_file}}}",
+                        "X-From-Env": "${env:API_KEY_FOR_TEST}",
+                    },
+                },
+            ],
+        },
+    )
+    code, out, err = check(capsys, "--config", path)
+    assert code == 0, err
+    assert TOKEN not in out and TOKEN not in err
+    assert "https://dashboard.internal" in out
+    assert "NOT VERIFIED" in out
+    lines = out.splitlines()
+    steps = [line.strip() for line in lines[lines.index("pipeline, outermost first:") + 1 : -1]]
+    assert [s.split()[1] for s in steps[:-1]] == ["request-id", "access-log", "inject-headers"]
+    assert steps[-1] == "- forwarder -> https://dashboard.internal"
+    assert "Authorization" in out and "***" in out
+    assert lines[-1] == "ok"
+
+
+def test_check_config_from_the_go_variables(
+    capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setenv("DASHBOARD_PROXY_URL", "http://127.0.0.1:9")
+    monkeypatch.setenv("DASHBOARD_TOKEN", TOKEN)
+    monkeypatch.setenv("LISTEN_ADDRESS", ":8080")
+    code, out, err = check(capsys)
+    assert code == 0, err
+    assert TOKEN not in out + err
+    assert "environment (DASHBOARD_PROXY_URL)" in out
+    assert "0.0.0.0:8080" in out
+    assert "inject-headers" in out
+
+
+def test_check_config_redacts_options_of_steps_without_describe(
+    capsys: pytest.CaptureFixture[str], tmp_path: Path
+) -> None:
+    path = config_file(
+        tmp_path,
+        {
+            "upstream": {"url": "http://127.0.0.1:9"},
+            "pipeline": [{"use": "access-log", "log_headers": ["X-Api-Token"]}],
+        },
+    )
+    code, out, _err = check(capsys, "--config", path)
+    assert code == 0
+    assert "log_headers" in out
+
+
+BAD_CONFIGS: list[tuple[str, str, list[str]]] = [
+    ("missing upstream url", "[upstream]\nread_timeout = 3\n", ["upstream.url", "required"]),
+    ("no upstream at all", "[server]\nworkers = 1\n", ["upstream.url"]),
+    ("bad scheme", '[upstream]\nurl = "ftp://files.internal"\n', ["upstream.url", "ftp://"]),
+    (
+        "bad TOML",
+        '[upstream]\nurl = "http://x"\nread_timeout = \n',
+        ["authproxy.toml", "invalid TOML", "line 3"],
+    ),
+    (
+        "unknown step",
+        '[upstream]\nurl = "http://x"\n[[pipeline]]\nuse = "no-such-step"\n',
+        ["pipeline[0] (no-such-step).use", "unknown step", "access-log"],
+    ),
+    (
+        "unknown option",
+        '[upstream]\nurl = "http://x"\n[[pipeline]]\nuse = "access-log"\ncolour = "red"\n',
+        ["pipeline[0] (access-log).colour", "unknown option", "format"],
+    ),
+    (
+        "bad option value",
+        '[upstream]\nurl = "http://x"\n[[pipeline]]\nuse = "access-log"\nformat = "xml"\n',
+        ["pipeline[0] (access-log).format", "'xml'"],
+    ),
+    ("wrong type", '[upstream]\nurl = "http://x"\n[server]\nworkers = "2"\n', ["server.workers"]),
+    ("wrong type 2", '[upstream]\nurl = "http://x"\ntls_verify = 0\n', ["upstream.tls_verify"]),
+    (
+        "bad health path",
+        '[upstream]\nurl = "http://x"\n[health]\nready = "readyz"\n',
+        ["health.ready"],
+    ),
+    (
+        "secret in a bad template",
+        f'[upstream]\nurl = "http://x"\n[[pipeline]]\nuse = "inject-headers"\n'
+        f'set = {{ Authorization = "Bearer {TOKEN}${{nope:x}}" }}\n',
+        ["pipeline[0] (inject-headers).set.Authorization", "unknown source"],
+    ),
+]
+
+
+@pytest.mark.parametrize(
+    ("text", "expected"), [(t, e) for _n, t, e in BAD_CONFIGS], ids=[n for n, _t, _e in BAD_CONFIGS]
+)
+def test_check_config_errors_name_the_key(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], text: str, expected: list[str]
+) -> None:
+    path = tmp_path / "authproxy.toml"
+    path.write_text(text)
+    code, out, err = check(capsys, "--config", str(path))
+    assert code == 2
+    assert out == ""
+    assert err.startswith("authproxy: configuration error: ")
+    assert "Traceback" not in err
+    for words in expected:
+        assert words in err
+    assert TOKEN not in err
+
+
+@pytest.mark.xfail(
+    reason="plugins.options() loses every annotation when one names a TYPE_CHECKING import; "
+    "fixed on the plugins branch (per-option evaluation)",
+    strict=False,
+)
+def test_check_config_step_option_of_the_wrong_type(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    path = tmp_path / "authproxy.toml"
+    path.write_text(
+        '[upstream]\nurl = "http://x"\n[[pipeline]]\nuse = "access-log"\nlog_query = "yes"\n'
+    )
+    code, _out, err = check(capsys, "--config", str(path))
+    assert code == 2
+    assert "pipeline[0] (access-log).log_query" in err and "'yes'" in err
+
+
+def test_check_config_without_any_configuration(capsys: pytest.CaptureFixture[str]) -> None:
+    code, _out, err = check(capsys)
+    assert code == 2
+    assert "upstream.url" in err and "--config" in err
+
+
+def test_listen_flag_overrides_the_file(tmp_path: Path) -> None:
+    config = {"upstream": {"url": "http://x"}, "server": {"listen": "1.2.3.4:1"}}
+    path = config_file(tmp_path, config)
+    args = build_parser().parse_args(["serve", "--config", path, "--listen", ":9000"])
+    config = _load(args)
+    assert config.server.listen == "0.0.0.0:9000"
+    assert config.upstream.url == "http://x"
+
+
+def test_serve_refuses_a_bad_config_before_listening(tmp_path: Path) -> None:
+    """A real process: the exit status is non-zero and nothing was served."""
+    port = free_port()
+    path = tmp_path / "bad.toml"
+    path.write_text(f'[server]\nlisten = "127.0.0.1:{port}"\n[upstream]\nurl = "gopher://x"\n')
+    result = subprocess.run(
+        [sys.executable, "-m", "authproxy.cli", "serve", "--config", str(path)],
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert result.returncode == 2
+    assert "upstream.url" in result.stderr
+    assert "Traceback" not in result.stderr
+    assert "Listening" not in result.stderr
+
+
+def test_check_config_console_script_exit_status(tmp_path: Path) -> None:
+    path = tmp_path / "authproxy.toml"
+    path.write_text('[upstream]\nurl = "http://127.0.0.1:9"\n[[pipeline]]\nuse = "nope"\n')
+    cmd = [sys.executable, "-m", "authproxy.cli", "check-config", "--config", str(path)]
+    bad = subprocess.run(cmd, capture_output=True, text=True, timeout=60)
+    assert bad.returncode == 2 and "pipeline[0] (nope).use" in bad.stderr
+    path.write_text('[upstream]\nurl = "http://127.0.0.1:9"\n')
+    good = subprocess.run(cmd, capture_output=True, text=True, timeout=60)
+    assert good.returncode == 0 and good.stdout.endswith("ok\n")
