@@ -157,11 +157,6 @@ def test_check_config_errors_name_the_key(
     assert TOKEN not in err
 
 
-@pytest.mark.xfail(
-    reason="plugins.options() loses every annotation when one names a TYPE_CHECKING import; "
-    "fixed on the plugins branch (per-option evaluation)",
-    strict=False,
-)
 def test_check_config_step_option_of_the_wrong_type(
     tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
