@@ -1,15 +1,15 @@
 """The forwarder: the only code that talks to the upstream.
 
 Its TLS and pool configuration comes from a :class:`requests.Session` (verify,
-CA bundle, client certificate, pool size), but each request goes straight to
-the session adapter's urllib3 pool, below ``requests``' per-call machinery:
-that machinery re-encodes the request target, reads redirect bodies, keeps
-cookies and adds headers of its own, and a proxy wants none of that.
+CA bundle, client certificate, pool size), but each request goes over a socket
+from the session adapter's urllib3 pool (see :mod:`authproxy.transport`),
+below ``requests``' per-call machinery: that machinery re-encodes the request
+target, reads redirect bodies, keeps cookies and adds headers of its own, and a
+proxy wants none of that.
 """
 
 from __future__ import annotations
 
-import http.client
 import logging
 import socket
 import threading
@@ -23,15 +23,8 @@ import requests
 import urllib3
 from requests.adapters import HTTPAdapter
 from urllib3.exceptions import InsecureRequestWarning
-from urllib3.util import SKIP_HEADER
 
-from .errors import (
-    ConfigError,
-    UpstreamConnectError,
-    UpstreamError,
-    UpstreamProtocolError,
-    UpstreamTimeout,
-)
+from .errors import ConfigError, UpstreamError, UpstreamProtocolError
 from .headers import (
     HOP_BY_HOP_NAMES,
     REQUEST_CHUNKED_KEY,
@@ -39,6 +32,7 @@ from .headers import (
     header_name,
     sanitize,
 )
+from .transport import Response, Transport
 
 if TYPE_CHECKING:
     from _typeshed.wsgi import StartResponse, WSGIEnvironment
@@ -52,8 +46,9 @@ UPSTREAM_URL_KEY = "authproxy.upstream_url"
 #: response starts (one write, and an upstream failure is still a clean 502).
 SMALL_BODY = 64 * 1024
 _STREAMING_TYPES = ("text/event-stream",)
-_NO_BODY_STATUS = frozenset({204, 304})
-_IDEMPOTENT = frozenset({"GET", "HEAD", "OPTIONS", "TRACE", "PUT", "DELETE"})
+# Hop-by-hop headers, and the two that every WSGI server writes itself
+# (a second Date or Server would repeat a singleton field).
+_NOT_RELAYED = HOP_BY_HOP_NAMES | {"date", "server"}
 #: Upstreams already warned about (tls_verify = false). ``authproxy serve`` builds
 #: the app once before forking, so its workers inherit this and stay quiet.
 _WARNED_INSECURE: set[str] = set()
@@ -118,7 +113,8 @@ class Forwarder:
     :param preserve_host: send the client's ``Host`` instead of the upstream's.
     :param strip_impersonation: drop client ``Impersonate-*`` headers (default).
     :param pool_size: upstream connections kept open; match the server's threads.
-    :param chunk_size: largest piece read from a streamed body.
+    :param chunk_size: largest piece read from the upstream at once (bounds memory
+        per stream; larger pieces mean fewer writes).
 
     Example::
 
@@ -137,7 +133,7 @@ class Forwarder:
         preserve_host: bool = False,
         strip_impersonation: bool = True,
         pool_size: int = 16,
-        chunk_size: int = 64 * 1024,
+        chunk_size: int = 256 * 1024,
     ) -> None:
         parts = urlsplit(url)
         if parts.scheme not in ("http", "https"):
@@ -161,7 +157,6 @@ class Forwarder:
         self._base_query = parts.query
         self._address = (parts.hostname, parts.port or (443 if parts.scheme == "https" else 80))
         self._host = parts.netloc
-        self._timeout = urllib3.Timeout(connect=connect_timeout, read=read_timeout)
         self._connect_timeout = connect_timeout
         if tls_verify is False and parts.scheme == "https":
             if url not in _WARNED_INSECURE:
@@ -178,6 +173,7 @@ class Forwarder:
         pool = adapter.get_connection_with_tls_context(prepared, tls_verify, cert=cert)
         assert isinstance(pool, urllib3.HTTPConnectionPool)
         self._pool = pool
+        self._transport = Transport(pool, connect_timeout, read_timeout, chunk_size)
         self._ready_at = 0.0
         self._ready = False
         self._ready_lock = threading.Lock()
@@ -250,9 +246,6 @@ class Forwarder:
             headers["X-Forwarded-Host"] = client_host
         else:
             headers.pop("X-Forwarded-Host", None)
-        # Forward exactly what the client sent: the HTTP library adds nothing.
-        headers.setdefault("User-Agent", SKIP_HEADER)
-        headers.setdefault("Accept-Encoding", SKIP_HEADER)
         if environ.get("authproxy.te_trailers"):
             headers["Te"] = "trailers"
         return headers
@@ -264,95 +257,35 @@ class Forwarder:
         headers: dict[str, str],
         body: Any,
         chunked: bool,
-    ) -> urllib3.BaseHTTPResponse:
-        pool = self._pool
-        # One retry, only when a kept-alive connection turned out to be dead
-        # before anything was answered and the request can be sent again.
-        for attempt in (0, 1):
-            conn = pool._get_conn()
-            reused = getattr(conn, "sock", None) is not None
-            try:
-                return pool._make_request(
-                    conn,
-                    method,
-                    target,
-                    body=body,
-                    headers=headers,
-                    timeout=self._timeout,
-                    chunked=chunked,
-                    response_conn=conn,
-                    preload_content=False,
-                    decode_content=False,
-                    enforce_content_length=True,
-                )
-            except BaseException as exc:
-                conn.close()
-                pool._put_conn(conn)
-                # urllib3's NewConnectionError (refused, unreachable) subclasses
-                # ConnectTimeoutError for history's sake: it is no timeout.
-                if isinstance(
-                    exc, (urllib3.exceptions.TimeoutError, TimeoutError)
-                ) and not isinstance(exc, urllib3.exceptions.NewConnectionError):
-                    raise UpstreamTimeout(str(exc)) from exc
-                retry = (
-                    attempt == 0
-                    and reused
-                    and body is None
-                    and method in _IDEMPOTENT
-                    and isinstance(exc, (ConnectionError, http.client.RemoteDisconnected))
-                )
-                if retry:
-                    continue
-                if isinstance(exc, (urllib3.exceptions.HTTPError, OSError)):
-                    raise UpstreamConnectError(str(exc)) from exc
-                if isinstance(exc, http.client.HTTPException):
-                    raise UpstreamProtocolError(str(exc)) from exc
-                raise
-        raise AssertionError("unreachable")
+    ) -> Response:
+        return self._transport.send(method, target, headers.items(), body, chunked)
 
     def _relay(
-        self, method: str, response: urllib3.BaseHTTPResponse, start_response: StartResponse
+        self, method: str, response: Response, start_response: StartResponse
     ) -> Iterable[bytes]:
-        raw = response.headers
-        drop = HOP_BY_HOP_NAMES
-        if "connection" in raw:
-            drop = drop.union(connection_tokens(raw["connection"]))
-        headers = [(k, v) for k, v in raw.iteritems() if k.lower() not in drop]
-        if "content-length" in raw:
-            # Framing the upstream got wrong must not reach the client: one
-            # length, once, and never next to Transfer-Encoding (which wins).
-            headers = [(k, v) for k, v in headers if k.lower() != "content-length"]
-            lengths = {v.strip() for v in ",".join(raw.getlist("content-length")).split(",")}
-            if "transfer-encoding" not in raw:
-                value = lengths.pop()
-                if lengths or not (value.isascii() and value.isdigit()):
-                    response.close()
-                    response.release_conn()
-                    log.warning("upstream %s sent a malformed Content-Length", self.url)
-                    return _error(start_response, "502 Bad Gateway")
-                headers.append(("Content-Length", value))
+        drop = _NOT_RELAYED
+        for name, value in response.headers:
+            if name.lower() == "connection":
+                drop = drop.union(connection_tokens(value))
+        headers = [(k, v) for k, v in response.headers if k.lower() not in drop]
         status = f"{response.status} {response.reason}"
-        length = response.length_remaining
-        if method == "HEAD" or response.status in _NO_BODY_STATUS or length == 0:
-            response.release_conn()
+        if response.complete:
+            # The whole body came with the headers (or there is none).
+            data = response.take()
+            response.release()
             start_response(status, headers)
-            return []
-        content_type = raw.get("content-type", "")
-        if length is not None and length <= SMALL_BODY and not content_type.startswith(
-            _STREAMING_TYPES
-        ):
+            return [data] if data else []
+        length = response.length
+        if length is not None and length <= SMALL_BODY and not _is_streaming(headers):
             try:
-                data = response.read()
-            except Exception as exc:
-                response.close()
-                response.release_conn()
-                log.warning("upstream %s failed mid-body: %s", self.url, type(exc).__name__)
+                data = response.read_all()
+            except UpstreamError as exc:
+                log.warning("upstream %s failed mid-body: %s", self.url, exc)
                 return _error(start_response, "502 Bad Gateway")
-            response.release_conn()
             start_response(status, headers)
             return [data]
         start_response(status, headers)
-        return _Stream(response, self.chunk_size)
+        return _Stream(response)
 
     # -- readiness -------------------------------------------------------------
 
@@ -378,35 +311,29 @@ class Forwarder:
 
 
 class _Stream:
-    """A streamed upstream body: read as it arrives, closed with the client.
+    """A streamed upstream body: relayed as it arrives, closed with the client.
 
     A failure mid-body raises, so the server aborts the client connection
     instead of ending the body short and making a truncated file look whole.
     """
 
-    __slots__ = ("_response", "_chunk_size")
+    __slots__ = ("_response",)
 
-    def __init__(self, response: urllib3.BaseHTTPResponse, chunk_size: int) -> None:
+    def __init__(self, response: Response) -> None:
         self._response = response
-        self._chunk_size = chunk_size
 
     def __iter__(self) -> Iterator[bytes]:
-        read1 = self._response.read1
-        size = self._chunk_size
-        try:
-            while True:
-                data = read1(size)
-                if not data:
-                    return
-                yield data
-        except (urllib3.exceptions.HTTPError, http.client.HTTPException, OSError) as exc:
-            raise UpstreamProtocolError(f"upstream body failed: {type(exc).__name__}") from exc
+        return iter(self._response)
 
     def close(self) -> None:
-        response = self._response
-        if not response.closed:
-            response.close()  # not read to the end: the connection can't be reused
-        response.release_conn()
+        self._response.close()
+
+
+def _is_streaming(headers: list[tuple[str, str]]) -> bool:
+    for name, value in headers:
+        if name.lower() == "content-type":
+            return value.lower().startswith(_STREAMING_TYPES)
+    return False
 
 
 def _request_body(environ: WSGIEnvironment, chunk_size: int) -> tuple[Any, bool]:

@@ -550,8 +550,8 @@ def http_incomplete() -> tuple[type[BaseException], ...]:
         (
             b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\nContent-Length: 2\r\n\r\n"
             b"5\r\nhello\r\n0\r\n\r\n",
-            200,
-            b"hello",
+            502,
+            b"Bad Gateway\n",
         ),
     ],
 )

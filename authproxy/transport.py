@@ -1,0 +1,329 @@
+"""HTTP/1.1 exchanges with the upstream, on connections from a urllib3 pool.
+
+The pool (built by requests' adapter, so TLS verification, CA bundle and
+client certificate are requests' own) opens, wraps and keeps the sockets.
+Responses are parsed by llhttp through :mod:`httptools`, a C parser: the
+standard library's parser costs more CPU than the rest of the proxy put
+together. Requests are written as they came: the target is sent byte for
+byte and no header is added.
+
+A connection goes back to the pool only after a response was read to its end
+and both sides agreed to keep it alive.
+"""
+
+from __future__ import annotations
+
+import socket
+from collections.abc import Iterable, Iterator
+from typing import Any
+
+import httptools
+
+from .errors import UpstreamConnectError, UpstreamProtocolError, UpstreamTimeout
+
+_IDEMPOTENT = frozenset({"GET", "HEAD", "OPTIONS", "TRACE", "PUT", "DELETE"})
+_NO_BODY_STATUS = frozenset({204, 304})
+
+
+class Response:
+    """An upstream response: status and headers read, body still on the wire.
+
+    ``headers`` keeps repeated fields (``Set-Cookie``) as separate pairs.
+    ``length`` is the declared Content-Length, or None (chunked or until close).
+    """
+
+    __slots__ = (
+        "status",
+        "reason",
+        "headers",
+        "length",
+        "_parser",
+        "_sock",
+        "_conn",
+        "_pool",
+        "_pending",
+        "_headers_done",
+        "_complete",
+        "_no_body",
+        "_close_delimited",
+        "_released",
+        "_keep_alive",
+        "_received",
+        "_recv_size",
+    )
+
+    def __init__(self, conn: Any, pool: Any, no_body: bool, recv_size: int) -> None:
+        self.status = 0
+        self.reason = ""
+        self.headers: list[tuple[str, str]] = []
+        self.length: int | None = None
+        self._conn = conn
+        self._pool = pool
+        self._sock: socket.socket = conn.sock
+        self._parser = httptools.HttpResponseParser(self)
+        self._pending: list[bytes] = []
+        self._headers_done = False
+        self._complete = False
+        self._no_body = no_body
+        self._close_delimited = False
+        self._released = False
+        self._keep_alive = False
+        self._received = 0
+        self._recv_size = recv_size
+
+    # -- httptools callbacks -------------------------------------------------
+
+    def on_status(self, reason: bytes) -> None:
+        self.reason += reason.decode("latin-1")
+
+    def on_header(self, name: bytes, value: bytes) -> None:
+        self.headers.append((name.decode("latin-1"), value.decode("latin-1")))
+
+    def on_headers_complete(self) -> None:
+        status = self._parser.get_status_code()
+        if 100 <= status < 200 and status != 101:
+            # An interim response (100 Continue, 103 Early Hints): WSGI cannot
+            # relay it; the final response follows.
+            self.headers = []
+            self.reason = ""
+            return
+        self.status = status
+        self._headers_done = True
+        lengths: set[str] = set()
+        chunked = False
+        for name, value in self.headers:
+            lower = name.lower()
+            if lower == "content-length":
+                lengths.update(v.strip() for v in value.split(","))
+            elif lower == "transfer-encoding":
+                chunked = True
+        if lengths:
+            # Framing the upstream got wrong must not reach the client: one
+            # length, once, and never next to Transfer-Encoding (which wins).
+            self.headers = [(n, v) for n, v in self.headers if n.lower() != "content-length"]
+            if not chunked:
+                value = lengths.pop()
+                if lengths or not (value.isascii() and value.isdigit()):
+                    raise UpstreamProtocolError("malformed Content-Length from upstream")
+                self.length = int(value)
+                self.headers.append(("Content-Length", value))
+        self._keep_alive = self._parser.should_keep_alive()
+        if self._no_body or status in _NO_BODY_STATUS:
+            self._no_body = True
+            self._complete = True
+        elif self.length is None and not chunked:
+            self._close_delimited = True
+
+    def on_body(self, data: bytes) -> None:
+        self._pending.append(data)
+        self._received += len(data)
+
+    def on_message_complete(self) -> None:
+        if self._headers_done:
+            self._complete = True
+            # Ask now: the parser forgets once this callback returns.
+            self._keep_alive = self._keep_alive and self._parser.should_keep_alive()
+
+    # -- reading -------------------------------------------------------------
+
+    def _feed(self) -> bool:
+        """Read from the socket into the parser; False at end of stream."""
+        data = self._sock.recv(self._recv_size)
+        if not data:
+            return False
+        self._parser.feed_data(data)
+        return True
+
+    def read_head(self) -> None:
+        while not self._headers_done:
+            if not self._feed():
+                raise ConnectionResetError("upstream closed the connection before answering")
+
+    @property
+    def complete(self) -> bool:
+        return self._complete
+
+    def take(self) -> bytes:
+        """The body received so far (all of it, once :attr:`complete`)."""
+        data = b"".join(self._pending) if len(self._pending) != 1 else self._pending[0]
+        self._pending.clear()
+        return data
+
+    def read_all(self) -> bytes:
+        chunks = []
+        for chunk in self:
+            chunks.append(chunk)
+        return b"".join(chunks)
+
+    def __iter__(self) -> Iterator[bytes]:
+        """The body, piece by piece as it arrives. Raises on a truncated body."""
+        if self.length is not None and not self._complete:
+            return self._iter_counted(self.length)
+        return self._iter_parsed()
+
+    def _iter_counted(self, length: int) -> Iterator[bytes]:
+        # A declared length needs no parser: count the bytes off the socket.
+        if self._pending:
+            yield self.take()
+        remaining = length - self._received
+        recv, size = self._sock.recv, self._recv_size
+        while remaining > 0:
+            try:
+                data = recv(remaining if remaining < size else size)
+            except OSError as exc:
+                self.close()
+                raise UpstreamProtocolError(f"upstream body failed: {type(exc).__name__}") from exc
+            if not data:
+                self.close()
+                raise UpstreamProtocolError("upstream closed the connection mid-body")
+            remaining -= len(data)
+            yield data
+        self._complete = True
+        self.release()
+
+    def _iter_parsed(self) -> Iterator[bytes]:
+        pending = self._pending
+        while True:
+            if pending:
+                if len(pending) == 1:
+                    yield pending.pop()
+                else:
+                    data = b"".join(pending)
+                    pending.clear()
+                    yield data
+            if self._complete:
+                self.release()
+                return
+            try:
+                more = self._feed()
+            except httptools.HttpParserError as exc:
+                self.close()
+                raise UpstreamProtocolError(f"malformed body from upstream: {exc}") from exc
+            except OSError as exc:
+                self.close()
+                raise UpstreamProtocolError(f"upstream body failed: {type(exc).__name__}") from exc
+            if not more:
+                if self._close_delimited:  # the end of the stream is the end of the body
+                    self._complete = True
+                    continue
+                self.close()
+                raise UpstreamProtocolError("upstream closed the connection mid-body")
+
+    # -- the connection --------------------------------------------------------
+
+    def release(self) -> None:
+        """Give the connection back: to the pool if reusable, else closed."""
+        if self._released:
+            return
+        self._released = True
+        conn = self._conn
+        if not (self._complete and self._keep_alive):
+            conn.close()
+        self._pool._put_conn(conn)
+
+    def close(self) -> None:
+        """Drop the connection (the body may be unread)."""
+        if not self._complete:
+            self._conn.close()
+        self.release()
+
+
+def encode_head(method: str, target: str, headers: Iterable[tuple[str, str]]) -> bytes:
+    """The request line and header block, as the client's bytes (WSGI strings are latin-1)."""
+    lines = [f"{method} {target} HTTP/1.1"]
+    lines.extend(f"{name}: {value}" for name, value in headers)
+    lines.append("\r\n")
+    head = "\r\n".join(lines)
+    # Nothing built here may start a new line or smuggle a NUL.
+    if head.count("\n") != len(lines) or "\0" in head or head.count("\r") != len(lines):
+        raise ValueError("CR, LF or NUL in a request header")
+    return head.encode("latin-1")
+
+
+class Transport:
+    """Sends requests over a urllib3 connection pool; see the module docstring."""
+
+    def __init__(
+        self, pool: Any, connect_timeout: float, read_timeout: float, recv_size: int = 256 * 1024
+    ) -> None:
+        self.pool = pool
+        self.recv_size = recv_size
+        self.connect_timeout = connect_timeout
+        self.read_timeout = read_timeout
+
+    def send(
+        self,
+        method: str,
+        target: str,
+        headers: Iterable[tuple[str, str]],
+        body: Iterable[bytes] | bytes | None,
+        chunked: bool,
+    ) -> Response:
+        if chunked:
+            headers = [*headers, ("Transfer-Encoding", "chunked")]
+        head = encode_head(method, target, headers)
+        pool = self.pool
+        for attempt in (0, 1):
+            conn = pool._get_conn()
+            reused = conn.sock is not None
+            response = None
+            try:
+                if not reused:
+                    conn.timeout = self.connect_timeout
+                    conn.connect()
+                conn.sock.settimeout(self.read_timeout)
+                response = Response(conn, pool, method == "HEAD", self.recv_size)
+                _write(conn.sock, head, body, chunked)
+                response.read_head()
+                return response
+            except BaseException as exc:
+                conn.close()
+                if response is not None:
+                    response.release()
+                else:
+                    pool._put_conn(conn)
+                # A kept-alive connection that turned out dead before anything
+                # was answered: send once more on a fresh one, when it is safe.
+                if (
+                    attempt == 0
+                    and reused
+                    and body is None
+                    and method in _IDEMPOTENT
+                    and isinstance(exc, ConnectionError)
+                ):
+                    continue
+                raise _upstream_error(exc) from exc
+        raise AssertionError("unreachable")
+
+
+def _write(sock: socket.socket, head: bytes, body: Any, chunked: bool) -> None:
+    if body is None or isinstance(body, bytes):
+        sock.sendall(head + body if body else head)
+        return
+    sock.sendall(head)
+    if chunked:
+        for chunk in body:
+            if chunk:
+                sock.sendall(b"%x\r\n%b\r\n" % (len(chunk), chunk))
+        sock.sendall(b"0\r\n\r\n")
+    else:
+        for chunk in body:
+            sock.sendall(chunk)
+
+
+def _upstream_error(exc: BaseException) -> BaseException:
+    from urllib3.exceptions import ConnectTimeoutError, NewConnectionError, SSLError
+
+    if isinstance(exc, (UpstreamConnectError, UpstreamTimeout, UpstreamProtocolError)):
+        return exc
+    # urllib3's NewConnectionError (refused, unreachable) subclasses
+    # ConnectTimeoutError for history's sake: it is no timeout.
+    if isinstance(exc, (ConnectTimeoutError, TimeoutError)) and not isinstance(
+        exc, NewConnectionError
+    ):
+        return UpstreamTimeout(type(exc).__name__)
+    if isinstance(exc, httptools.HttpParserError):
+        return UpstreamProtocolError(f"malformed response from upstream: {exc}")
+    if isinstance(exc, (NewConnectionError, SSLError, OSError)):
+        return UpstreamConnectError(type(exc).__name__)
+    return exc
