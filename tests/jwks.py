@@ -73,7 +73,7 @@ class SigningKey:
         """A self-signed certificate for the key, like Cloudflare's ``public_certs``."""
         if self._cert is None:
             name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, TEAM_DOMAIN)])
-            now = datetime.datetime.now(datetime.timezone.utc)
+            now = datetime.datetime.now(datetime.UTC)
             cert = (
                 x509.CertificateBuilder()
                 .subject_name(name)
