@@ -198,8 +198,7 @@ class Identity:
             identity = self.verifier.verify(token)
         except Refused as exc:
             return refuse(environ, start_response, 403, exc.reason)
-        if not self.policy.allows(identity):
-            return refuse(environ, start_response, 403, f"not allowed by policy: {identity.name}")
+        values = []
         for _name, key, field in self.identity_headers:
             value = identity_value(identity, field)
             if value is None:
@@ -208,6 +207,12 @@ class Identity:
                 return refuse(
                     environ, start_response, 403, f"claim {field!r} holds a control character"
                 )
+            values.append((key, value))
+        if not self.policy.allows(identity):
+            return refuse(
+                environ, start_response, 403, f"not allowed by policy: {_printable(identity.name)}"
+            )
+        for key, value in values:
             # WSGI carries header bytes as latin-1 text: send the claim as UTF-8.
             environ[key] = value.encode("utf-8").decode("latin-1")
         environ[IDENTITY] = identity
@@ -244,6 +249,13 @@ class Identity:
 
     def close(self) -> None:
         self.keys.close()
+
+
+def _printable(text: str) -> str:
+    """*text* with control characters escaped, for a log line."""
+    if _VALUE_CTL.isdisjoint(text):
+        return text
+    return "".join(repr(c)[1:-1] if c in _VALUE_CTL else c for c in text)
 
 
 def _audience(audience: Any) -> list[str]:
