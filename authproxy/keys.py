@@ -17,8 +17,8 @@ Both formats are read: a plain JWKS (``{"keys": [...]}``) and Cloudflare
 Access's certs document, which adds ``public_cert`` and ``public_certs`` (the
 same keys as X.509 certificates) next to ``keys``; the JWKS part is used.
 Keys are parsed by PyJWT (:class:`jwt.PyJWKSet`); a key is kept only if it is
-for signing and its algorithm is in the allow-list given, so an ``oct`` (HMAC)
-key published by mistake can never verify anything.
+for signing and its algorithm is both asymmetric and in the allow-list given,
+so an ``oct`` (HMAC) key published by mistake can never verify anything.
 
 One cache per process, shared by every thread. After a fork the child starts
 its own refresh thread and HTTP session on first use.
@@ -40,6 +40,11 @@ from jwt.exceptions import PyJWTError
 
 log = logging.getLogger("authproxy.keys")
 
+#: The only algorithms a key is ever trusted for: public-key signatures.
+ASYMMETRIC_ALGORITHMS = frozenset(
+    {"RS256", "RS384", "RS512", "PS256", "PS384", "PS512", "ES256", "ES384", "ES512", "EdDSA"}
+)
+
 #: A key set larger than this is not a key set.
 MAX_DOCUMENT_BYTES = 1024 * 1024
 
@@ -54,7 +59,7 @@ def parse_key_set(data: bytes, algorithms: Iterable[str]) -> dict[str, PyJWK]:
     A key without a ``kid`` is stored under ``""``. Raises :class:`KeyFetchError`
     when the document is not a key set or holds no usable key.
     """
-    allowed = frozenset(algorithms)
+    allowed = frozenset(algorithms) & ASYMMETRIC_ALGORITHMS
     try:
         document = json.loads(data)
     except (ValueError, UnicodeDecodeError):
@@ -252,12 +257,12 @@ class KeyCache:
         self._thread.start()
 
     def _run(self) -> None:
-        delay = self.refresh_interval if self._keys else self.min_refetch_interval
-        while not self._stop.wait(max(delay, 0.05)):
-            ok = self.refresh()
-            delay = self.refresh_interval if ok else min(
-                self.min_refetch_interval, self.refresh_interval
-            )
+        # After a failure retry sooner, but never more than once a second
+        # (unless the schedule itself is faster).
+        retry = min(self.refresh_interval, max(self.min_refetch_interval, 1.0))
+        delay = self.refresh_interval if self._keys else retry
+        while not self._stop.wait(delay):
+            delay = self.refresh_interval if self.refresh() else retry
 
     def _after_fork(self) -> None:
         # Threads and sockets do not survive a fork: make fresh ones, once.

@@ -27,13 +27,10 @@ import jwt
 from jwt import exceptions as jwt_errors
 
 from .context import VerifiedIdentity
-from .keys import KeyCache
+from .keys import ASYMMETRIC_ALGORITHMS, KeyCache
 
-#: Algorithms a provider may be configured with: public-key signatures only.
-ASYMMETRIC_ALGORITHMS = frozenset(
-    {"RS256", "RS384", "RS512", "PS256", "PS384", "PS512", "ES256", "ES384", "ES512", "EdDSA"}
-)
 REQUIRED_CLAIMS = ("exp", "iat", "aud", "iss")
+__all__ = ["ASYMMETRIC_ALGORITHMS", "PROVIDERS", "Provider", "Refused", "TokenVerifier"]
 #: Longer than any real assertion; refused before any parsing.
 MAX_TOKEN_LENGTH = 16 * 1024
 

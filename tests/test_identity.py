@@ -388,6 +388,14 @@ def test_policy(
         assert stack.refusal is not None and stack.refusal.startswith("not allowed by policy")
 
 
+def test_policy_refusal_reasons_escape_control_characters(
+    make: Callable[..., Stack], rsa_key: SigningKey
+) -> None:
+    stack = make(identity_headers={}, allow_emails=["bob@example.com"])
+    assert stack.get(rsa_key.sign(claims(email="eve@example.com\r\nX: 1"))).status_code == 403
+    assert stack.refusal == "not allowed by policy: eve@example.com\\r\\nX: 1"
+
+
 def test_service_token_allowed(make: Callable[..., Stack], rsa_key: SigningKey) -> None:
     stack = make(allow_emails=["alice@example.com"], allow_service_tokens=["ci-bot.access"])
     response = stack.get(
