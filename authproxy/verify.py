@@ -1,9 +1,5 @@
 """Verifying an identity-aware proxy's signed assertion (a JWT) into a :class:`VerifiedIdentity`.
 
-The providers are data: each preset names where the token travels, where
-the keys are published, who issues the token and how it is signed. The code
-path is the same for every one of them.
-
 Verification is PyJWT's: the token's ``alg`` must be in the provider's
 allow-list (asymmetric only: never ``none``, never HMAC) and equal to the
 algorithm of the trusted key its ``kid`` names; the signature, ``aud``,
@@ -20,67 +16,18 @@ import time
 import types
 from collections import OrderedDict
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass
 from typing import Any
 
 import jwt
 from jwt import exceptions as jwt_errors
 
 from .context import VerifiedIdentity
-from .keys import ASYMMETRIC_ALGORITHMS, KeyCache
+from .keys import KeyCache
 
 REQUIRED_CLAIMS = ("exp", "iat", "aud", "iss")
-__all__ = ["ASYMMETRIC_ALGORITHMS", "PROVIDERS", "Provider", "Refused", "TokenVerifier"]
+__all__ = ["Refused", "TokenCache", "TokenVerifier", "refusal_reason"]
 #: Longer than any real assertion; refused before any parsing.
 MAX_TOKEN_LENGTH = 16 * 1024
-
-
-@dataclass(frozen=True)
-class Provider:
-    """Where a provider's token travels and how to check it.
-
-    ``certs_url`` and ``issuer`` are templates over ``{team_domain}``.
-    ``service_token_claim`` names the claim that identifies a machine client.
-    """
-
-    header: str | None
-    cookie: str | None
-    certs_url: str | None
-    issuer: str | None
-    algorithms: tuple[str, ...]
-    service_token_claim: str | None = None
-
-
-PROVIDERS: Mapping[str, Provider] = types.MappingProxyType(
-    {
-        "cloudflare-access": Provider(
-            header="Cf-Access-Jwt-Assertion",
-            cookie="CF_Authorization",
-            certs_url="https://{team_domain}/cdn-cgi/access/certs",
-            issuer="https://{team_domain}",
-            algorithms=("RS256",),
-            service_token_claim="common_name",
-        ),
-        "google-iap": Provider(
-            header="X-Goog-Iap-Jwt-Assertion",
-            cookie=None,
-            certs_url="https://www.gstatic.com/iap/verify/public_key-jwk",
-            issuer="https://cloud.google.com/iap",
-            algorithms=("ES256",),
-        ),
-        "pomerium": Provider(
-            # team_domain is the route's host: Pomerium uses it as iss and aud.
-            header="X-Pomerium-Jwt-Assertion",
-            cookie=None,
-            certs_url="https://{team_domain}/.well-known/pomerium/jwks.json",
-            issuer="{team_domain}",
-            algorithms=("ES256",),
-        ),
-        "oidc": Provider(
-            header=None, cookie=None, certs_url=None, issuer=None, algorithms=("RS256",)
-        ),
-    }
-)
 
 
 class Refused(Exception):

@@ -18,7 +18,7 @@ from werkzeug.test import Client
 
 from authproxy import ConfigError, VerifiedIdentity, build_app
 from authproxy.middleware.identity import Identity
-from authproxy.verify import PROVIDERS
+from authproxy.providers import PROVIDERS
 
 from .jwks import (
     AUDIENCE,
@@ -689,6 +689,10 @@ def test_presets_are_data() -> None:
         ({"leeway": -1}, "leeway"),
         ({"keys_timeout": 0}, "keys_timeout"),
         ({"token_cache_size": -1}, "token_cache_size"),
+        ({"cookie": 1}, "cookie"),
+        ({"issuer": ""}, "issuer"),
+        ({"certs_url": 5}, "certs_url"),
+        ({"team_domain": 5}, "team_domain"),
     ],
 )
 def test_bad_options_fail_at_construction_naming_the_key(

@@ -3,11 +3,9 @@ allow policy, and hand the identity to the steps inside and to the upstream."""
 
 from __future__ import annotations
 
-import ipaddress
 import logging
 from collections.abc import Iterable, Mapping
 from typing import TYPE_CHECKING, Any
-from urllib.parse import urlsplit
 
 from werkzeug.http import parse_cookie
 
@@ -15,9 +13,10 @@ from ..context import IDENTITY, refuse
 from ..errors import ConfigError
 from ..headers import environ_key, sanitize
 from ..keys import KeyCache
-from ..policy import Policy, SkipPaths, string_list
+from ..policy import Policy, SkipPaths
+from ..providers import check_header_name, resolve
 from ..templates import identity_value
-from ..verify import ASYMMETRIC_ALGORITHMS, PROVIDERS, Refused, TokenVerifier
+from ..verify import Refused, TokenVerifier
 
 if TYPE_CHECKING:
     from _typeshed.wsgi import StartResponse, WSGIApplication, WSGIEnvironment
@@ -118,26 +117,26 @@ class Identity:
         token_cache_size: int = 4096,
         token_cache_ttl: float = 300.0,
     ) -> None:
-        if provider not in PROVIDERS:
-            raise ConfigError("provider", f"expected one of {sorted(PROVIDERS)}, got {provider!r}")
-        preset = PROVIDERS[provider]
-        if team_domain is not None and not _is_host(team_domain):
-            raise ConfigError("team_domain", f"expected a host name, got {team_domain!r}")
+        settings = resolve(
+            provider,
+            team_domain=team_domain,
+            audience=audience,
+            certs_url=certs_url,
+            issuer=issuer,
+            header=header,
+            cookie=cookie,
+            algorithms=algorithms,
+        )
+        if keys_ca_bundle is not None and not (isinstance(keys_ca_bundle, str) and keys_ca_bundle):
+            raise ConfigError("keys_ca_bundle", f"expected a path, got {keys_ca_bundle!r}")
+        self.settings = settings
         self.provider = provider
-        self.audience = _audience(audience)
-        self.header = header if header is not None else preset.header
-        if cookie is True:
-            self.cookie = preset.cookie
-        else:
-            self.cookie = cookie or None
-        if not self.header and not self.cookie:
-            raise ConfigError("header", f"provider {provider!r} needs a header (or cookie) name")
-        if self.header is not None:
-            _check_header_name(self.header, "header")
-        url = certs_url or _fill(preset.certs_url, team_domain, "certs_url")
-        self.certs_url = _check_url(url, "certs_url")
-        self.issuer = issuer or _fill(preset.issuer, team_domain, "issuer")
-        self.algorithms = _algorithms(algorithms, preset.algorithms)
+        self.audience = settings.audience
+        self.header = settings.header
+        self.cookie = settings.cookie
+        self.certs_url = settings.certs_url
+        self.issuer = settings.issuer
+        self.algorithms = settings.algorithms
         for key, number in (
             ("leeway", leeway),
             ("keys_refresh_interval", keys_refresh_interval),
@@ -180,7 +179,7 @@ class Identity:
             audience=self.audience,
             issuer=self.issuer,
             leeway=leeway,
-            service_token_claim=preset.service_token_claim,
+            service_token_claim=settings.service_token_claim,
             cache_size=token_cache_size,
             cache_ttl=token_cache_ttl,
         )
@@ -231,6 +230,10 @@ class Identity:
         """True when a signing key is trusted; a readiness check for ``/readyz``."""
         return self.keys.has_keys()
 
+    def check_ready(self) -> bool:
+        """The same, under the name the pipeline's readiness checks use."""
+        return self.keys.has_keys()
+
     def describe(self) -> dict[str, Any]:
         """The resolved settings, for ``check-config``."""
         return {
@@ -258,74 +261,13 @@ def _printable(text: str) -> str:
     return "".join(repr(c)[1:-1] if c in _VALUE_CTL else c for c in text)
 
 
-def _audience(audience: Any) -> list[str]:
-    tags = [audience] if isinstance(audience, str) else audience
-    if not tags:
-        raise ConfigError("audience", "required: the audience tag (or tags) tokens must carry")
-    return string_list(tags, "audience")
-
-
-def _algorithms(algorithms: list[str] | None, default: tuple[str, ...]) -> tuple[str, ...]:
-    if algorithms is None:
-        return default
-    chosen = string_list(algorithms, "algorithms")
-    bad = [a for a in chosen if a not in ASYMMETRIC_ALGORITHMS]
-    if bad or not chosen:
-        raise ConfigError(
-            "algorithms",
-            f"expected asymmetric algorithms from {sorted(ASYMMETRIC_ALGORITHMS)},"
-            f" got {algorithms!r} (never 'none' or an HMAC algorithm)",
-        )
-    return tuple(chosen)
-
-
-def _fill(template: str | None, team_domain: str | None, key: str) -> str:
-    if template is None:
-        raise ConfigError(key, "required for this provider")
-    if "{team_domain}" in template and team_domain is None:
-        raise ConfigError("team_domain", f"required to derive {key} (or set {key})")
-    return template.format(team_domain=team_domain)
-
-
-def _is_host(value: Any) -> bool:
-    return (
-        isinstance(value, str)
-        and bool(value)
-        and all(c.isalnum() or c in ".-:" for c in value)
-        and not value.startswith(("-", "."))
-    )
-
-
-def _check_url(url: str, key: str) -> str:
-    parts = urlsplit(url)
-    if parts.scheme == "https" and parts.hostname:
-        return url
-    if parts.scheme == "http" and parts.hostname and _is_loopback(parts.hostname):
-        return url
-    raise ConfigError(key, f"expected an https:// URL (http:// only for loopback), got {url!r}")
-
-
-def _is_loopback(host: str) -> bool:
-    if host == "localhost":
-        return True
-    try:
-        return ipaddress.ip_address(host).is_loopback
-    except ValueError:
-        return False
-
-
-def _check_header_name(name: str, key: str) -> None:
-    if not name or any(c in name for c in " \t\r\n\0:"):
-        raise ConfigError(key, f"not a valid header name: {name!r}")
-
-
 def _identity_headers(table: Any) -> tuple[tuple[str, str, str], ...]:
     table = DEFAULT_IDENTITY_HEADERS if table is None else table
     if not isinstance(table, Mapping):
         raise ConfigError("identity_headers", f"expected a table of header = field, got {table!r}")
     out = []
     for name, field in table.items():
-        _check_header_name(name, f"identity_headers.{name}")
+        check_header_name(name, f"identity_headers.{name}")
         if not isinstance(field, str) or not field:
             raise ConfigError(f"identity_headers.{name}", f"expected a field name, got {field!r}")
         out.append((name, environ_key(name), field))
