@@ -56,7 +56,8 @@ class Identity:
     :param certs_url: where the keys are published; overrides the preset's URL.
         ``https://`` (``http://`` only for loopback addresses).
     :param issuer: the expected ``iss``; overrides the preset's.
-    :param header: the header carrying the token; overrides the preset's.
+    :param header: the header carrying the token; overrides the preset's. A
+        ``Bearer`` prefix is ignored (for ``header = "Authorization"``).
     :param cookie: the cookie carrying the token when the header is absent: True
         for the preset's (``CF_Authorization``), False for none, or a name.
     :param algorithms: accepted signature algorithms (asymmetric only); overrides the preset's.
@@ -221,7 +222,11 @@ class Identity:
         if self._header_key is not None:
             token = environ.get(self._header_key)
             if token:
-                return str(token).strip()
+                token = str(token).strip()
+                # An OIDC setup may read the token from Authorization.
+                if token[:7].lower() == "bearer ":
+                    token = token[7:].strip()
+                return token
         if self.cookie is not None and "HTTP_COOKIE" in environ:
             return parse_cookie(environ["HTTP_COOKIE"]).get(self.cookie) or None
         return None
