@@ -3,7 +3,6 @@ allow policy, and hand the identity to the steps inside and to the upstream."""
 
 from __future__ import annotations
 
-import logging
 from collections.abc import Iterable, Mapping
 from typing import TYPE_CHECKING, Any
 
@@ -20,8 +19,6 @@ from ..verify import Refused, TokenVerifier
 
 if TYPE_CHECKING:
     from _typeshed.wsgi import StartResponse, WSGIApplication, WSGIEnvironment
-
-log = logging.getLogger("authproxy.identity")
 
 DEFAULT_IDENTITY_HEADERS: Mapping[str, str] = {
     "X-Auth-Request-Email": "email",
