@@ -82,7 +82,16 @@ class Pipeline:
             app,
             live=config.health.live,
             ready=config.health.ready,
-            checks=[self.forwarder.check_ready],
+            # A step that can be unready (the identity step without keys) says so
+            # through a check_ready() method; /readyz asks every one of them.
+            checks=[
+                self.forwarder.check_ready,
+                *(
+                    step.check_ready
+                    for _, step in self.steps
+                    if callable(getattr(step, "check_ready", None))
+                ),
+            ],
         )
         self._strip_impersonation = up.strip_impersonation
 

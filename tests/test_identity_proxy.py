@@ -314,5 +314,8 @@ def test_key_endpoint_down_from_the_start_refuses_but_health_answers(
     assert access_line(proxy, request_id)["refusal"] == "no signing keys"
     health, _ = send(proxy, "/healthz")
     assert health.status_code == 200
+    # Not ready while it can only refuse: Kubernetes routes no traffic to it.
+    ready, _ = send(proxy, "/readyz")
+    assert ready.status_code == 503
     assert upstream.seen == []
     assert "no keys, refusing every request" in proxy.logs()
