@@ -16,7 +16,8 @@
 # WRK_THREADS (2), WARMUP (2s), BIG_REPEAT (1), WORKERS (2), THREADS (8),
 # WORKER_CLASS (gthread), KEEPALIVE (75), LOG_LEVEL (info), VENV, BENCH_VAR
 # (/var/tmp/authproxy-bench), UPSTREAM_ADDR (127.0.0.1:18090), PROXY_ADDR
-# (127.0.0.1:18091), PEERS_HARNESS, PEERS, PEERS_VENV, SWEEP, SWEEP_KINDS.
+# (127.0.0.1:18091), WAIT_IDLE (0), PEERS_HARNESS, PEERS, PEERS_VENV, SWEEP,
+# SWEEP_KINDS.
 # Raw results: bench/results/<timestamp>/ (summary.md is the printed table).
 set -uo pipefail
 export PATH=$PATH:/usr/sbin:/sbin
@@ -38,6 +39,8 @@ BIG_REPEAT=${BIG_REPEAT:-1}
 BIG_MAX_TIME=${BIG_MAX_TIME:-300}
 RSS_INTERVAL=${RSS_INTERVAL:-0.2}
 READY_TIMEOUT=${READY_TIMEOUT:-30}
+WAIT_IDLE=${WAIT_IDLE:-0}      # seconds to wait for the machine to be at most IDLE_PCT % busy
+IDLE_PCT=${IDLE_PCT:-10}       #   before each configuration (also passed to the peers' harness)
 WORKERS=${WORKERS:-2}
 THREADS=${THREADS:-8}
 WORKER_CLASS=${WORKER_CLASS:-gthread}
@@ -98,22 +101,21 @@ install_system_packages() {
     if [ -z "${VENV:-}" ] && ! python3 -c 'import ensurepip, venv' 2> /dev/null; then
         need+=(python3-venv)
     fi
-    local nginx_pkg=""
-    if ! command -v nginx > /dev/null; then
-        nginx_pkg=nginx
-        apt-cache show nginx-light > /dev/null 2>&1 && nginx_pkg=nginx-light
-    fi
-    [ ${#need[@]} -gt 0 ] || [ -n "$nginx_pkg" ] || return 0
-    [ "$install" = 1 ] || die "missing: ${need[*]} $nginx_pkg (and --no-install was given)"
-    command -v apt-get > /dev/null || die "missing ${need[*]} $nginx_pkg; install them (no apt-get here)"
-    log "installing ${need[*]} $nginx_pkg"
+    command -v nginx > /dev/null || need+=(nginx)
+    [ ${#need[@]} -gt 0 ] || return 0
+    [ "$install" = 1 ] || die "missing: ${need[*]} (and --no-install was given)"
+    command -v apt-get > /dev/null || die "missing ${need[*]}; install them (no apt-get here)"
     as_root apt-get update -qq || die "apt-get update failed"
-    if [ -n "$nginx_pkg" ] && ! apt-cache show "$nginx_pkg" > /dev/null 2>&1; then
-        nginx_pkg=nginx   # nginx-light is gone from newer releases
-    fi
-    # shellcheck disable=SC2086
+    local i
+    for i in "${!need[@]}"; do
+        # the small build where it exists (Debian 12, Ubuntu 22.04); plain nginx elsewhere
+        if [ "${need[$i]}" = nginx ] && apt-cache show nginx-light > /dev/null 2>&1; then
+            need[$i]=nginx-light
+        fi
+    done
+    log "installing ${need[*]}"
     as_root env DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends \
-        "${need[@]}" $nginx_pkg || die "apt-get install failed"
+        "${need[@]}" || die "apt-get install failed"
 }
 
 prepare_venv() {
@@ -371,9 +373,29 @@ inspect_log() {  # name: secrets in the proxy's log? then keep only its ends
     echo "$1: $lines log lines" >> "$OUT/meta.txt"
 }
 
+busy() {  # % of all cores busy over one second
+    local a b
+    a=$(head -1 /proc/stat); sleep 1; b=$(head -1 /proc/stat)
+    echo "$a $b" | awk '{ for (i = 2; i <= 11; i++) { ta += $i; tb += $(i + 11) }
+        printf "%.0f", 100 * (1 - (($16 + $17) - ($5 + $6)) / (tb - ta)) }'
+}
+wait_idle() {  # before a configuration: up to WAIT_IDLE seconds for a quiet machine
+    (( WAIT_IDLE > 0 )) || return 0
+    local t0=$SECONDS pct
+    while pct=$(busy); (( pct > IDLE_PCT )); do
+        if (( SECONDS - t0 >= WAIT_IDLE )); then
+            log "the machine is still ${pct}% busy after ${WAIT_IDLE}s; measuring anyway"
+            return 0
+        fi
+        log "the machine is ${pct}% busy (other processes); waiting"
+        sleep 4
+    done
+}
+
 run_config() {  # name kind scenario...
     local name=$1 kind=$2 conf=$OUT/configs/$1.toml
     shift 2
+    wait_idle
     log "== $name"
     HDR=(-H "Cf-Access-Jwt-Assertion: $TOKEN")
     [ "$kind" = refusing ] && HDR=()
@@ -432,8 +454,10 @@ run_sweep() {
             if [[ $spec == *:* ]]; then class=${spec%%:*}; spec=${spec#*:}; fi
             w=${spec%x*} t=${spec#*x}
             [[ $w =~ ^[0-9]+$ && $t =~ ^[0-9]+$ ]] || die "SWEEP: expected [CLASS:]WORKERSxTHREADS, got $spec"
-            if [ "$class" = gevent ] && ! "$PY" -c 'import gevent' 2> /dev/null; then
-                if [ "$install" = 0 ] || ! "$VENV/bin/pip" install -q --disable-pip-version-check gevent; then
+            if [ "$class" = gevent ] && ! "$PY" -c 'import gunicorn.workers.ggevent' 2> /dev/null; then
+                # gunicorn's gevent worker also imports packaging.
+                if [ "$install" = 0 ] || ! "$VENV/bin/pip" install -q --disable-pip-version-check \
+                        gevent packaging || ! "$PY" -c 'import gunicorn.workers.ggevent'; then
                     log "== $kind@$class:${w}x$t: skipped (gevent does not install here)"
                     continue
                 fi
@@ -470,6 +494,7 @@ run_peers() {
         export AP_VENV=$VENV_AP AP_CONF_DIR=$OUT/configs AP_CERTS_URL AP_TOKEN_FILE="$OUT/identity/token"
         export RESULTS_DIR=$OUT/peers GUNICORN_WORKERS=$WORKERS GUNICORN_THREADS=$THREADS
         export SMALL_DURATION M1_DURATION SMALL_CONNS M1_CONNS WRK_THREADS WARMUP BIG_REPEAT
+        export WAIT_IDLE IDLE_PCT
         "$PEERS_HARNESS" "${cands[@]}"
     ) 2>&1 | tee "$OUT/peers.log"
     PEERS_TSV=$(ls -t "$OUT"/peers/*.tsv 2> /dev/null | head -1)
@@ -492,18 +517,13 @@ mkdir -p "$OUT/logs" "$OUT/configs" "$OUT/raw" "$OUT/identity" || die "cannot cr
 
 make_data
 "$PY" "$LIB/identity_keys.py" "$OUT/identity" "$TEAM_DOMAIN" "$AUDIENCE" || die "cannot make the identity keys"
-cp "$OUT/identity/certs.json" "$WWW/certs.json" && chmod 644 "$WWW/certs.json"
+cp "$OUT/identity/certs.json" "$WWW/certs.json" && chmod 644 "$WWW/certs.json" ||
+    die "cannot write $WWW/certs.json"
 TOKEN=$(cat "$OUT/identity/token")
 start_upstream
 HAVE_IDENTITY=0
 identity_available && HAVE_IDENTITY=1
 
-busy() {  # % of all cores busy over one second
-    local a b
-    a=$(head -1 /proc/stat); sleep 1; b=$(head -1 /proc/stat)
-    echo "$a $b" | awk '{ for (i = 2; i <= 11; i++) { ta += $i; tb += $(i + 11) }
-        printf "%.0f", 100 * (1 - (($16 + $17) - ($5 + $6)) / (tb - ta)) }'
-}
 {
     echo "date: $(date -Is)"
     echo "machine: $(nproc) cores, $(grep -m1 'model name' /proc/cpuinfo | cut -d: -f2 | sed 's/^ //'), $(awk '/MemTotal/ { printf "%.0f GiB RAM", $2 / 1048576 }' /proc/meminfo), kernel $(uname -r)"
@@ -511,7 +531,7 @@ busy() {  # % of all cores busy over one second
     echo "authproxy: $("$VENV/bin/authproxy" --version 2>&1) at $(git -C "$REPO" describe --always --dirty 2> /dev/null)"
     echo "python: $("$PY" -V 2>&1); $("$VENV/bin/pip" freeze 2> /dev/null | grep -iE '^(gunicorn|requests|urllib3|werkzeug|pyjwt|gevent)=' | tr '\n' ' ')"
     echo "nginx: $(nginx -v 2>&1 | cut -d/ -f2); wrk: $(wrk -v 2>&1 | head -1 | cut -d' ' -f2)"
-    echo "settings: gunicorn $WORKER_CLASS ${WORKERS}x$THREADS keepalive=$KEEPALIVE; small ${SMALL_CONNS}c/$SMALL_DURATION, 1m ${M1_CONNS}c/$M1_DURATION, wrk -t$WRK_THREADS, warm-up $WARMUP, big x$BIG_REPEAT"
+    echo "settings: gunicorn $([ "$sweep" = 1 ] && echo "as named in each row (SWEEP=$SWEEP)" || echo "$WORKER_CLASS ${WORKERS}x$THREADS") keepalive=$KEEPALIVE; small ${SMALL_CONNS}c/$SMALL_DURATION, 1m ${M1_CONNS}c/$M1_DURATION, wrk -t$WRK_THREADS, warm-up $WARMUP, big x$BIG_REPEAT"
     echo "identity step: $([ "$HAVE_IDENTITY" = 1 ] && echo installed || echo 'not installed: (b) and (c) skipped')"
 } > "$OUT/meta.txt"
 log "results -> $OUT"

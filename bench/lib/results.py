@@ -157,7 +157,7 @@ def _cell(value: Any) -> str:
 def own_table(rows: list[dict[str, Any]]) -> list[str]:
     out = [
         "| configuration | scenario | req/s or MB/s | p50 ms | p99 ms | peak RSS MiB (idle) "
-        "| proxy CPU µs/req | errors | remarks |",
+        "| proxy CPU s (µs/req) | errors | remarks |",
         "|---|---|--:|--:|--:|--:|--:|--:|---|",
     ]
     for r in rows:
@@ -175,9 +175,17 @@ def own_table(rows: list[dict[str, Any]]) -> list[str]:
         if r["note"]:
             remarks.append(r["note"])
         out.append(f"| {_label(r['config'])} | {r['scenario']} | {value} | {_cell(r['p50_ms'])} "
-                   f"| {_cell(r['p99_ms'])} | {rss} | {_cell(r['cpu_us_per_req'])} "
+                   f"| {_cell(r['p99_ms'])} | {rss} | {_cpu(r)} "
                    f"| {r['errors']} | {'; '.join(remarks)} |")
     return out
+
+
+def _cpu(row: dict[str, Any]) -> str:
+    if row["cpu_proxy_s"] is None:
+        return "-"
+    if row["cpu_us_per_req"] is None:
+        return str(row["cpu_proxy_s"])
+    return f"{row['cpu_proxy_s']} ({row['cpu_us_per_req']})"
 
 
 def _label(config: str) -> str:
