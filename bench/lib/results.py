@@ -237,11 +237,18 @@ def peers_tables(peers: list[dict[str, str]], rows: list[dict[str, Any]]) -> lis
                 return _num(found.group(1)) if found else None
         return None
 
+    def flags(candidate: str, scenario: str) -> str:
+        for p in peers:
+            if p["candidate"] == candidate and p["scenario"] == scenario:
+                found = [f for f in ("NOISY", "UNBALANCED") if f in p["note"]]
+                return " ".join(found)
+        return ""
+
     candidates = list(dict.fromkeys(p["candidate"] for p in peers))
     out = ["", "All candidates of the peers' harness (same invocation):", "",
            "| candidate | small req/s | small p99 ms | small proxy CPU µs/req | 1m MB/s "
-           "| big MB/s | big ttfb s | peak RSS MiB (big) | errors |",
-           "|---|--:|--:|--:|--:|--:|--:|--:|--:|"]
+           "| big MB/s | big ttfb s | peak RSS MiB (big) | errors | remarks |",
+           "|---|--:|--:|--:|--:|--:|--:|--:|--:|---|"]
     for cand in candidates:
         cpu, requests = note(cand, "small", "proxy"), note(cand, "small", "requests")
         per_req = f"{cpu / requests * 1e6:.0f}" if cpu is not None and requests else "-"
@@ -250,12 +257,13 @@ def peers_tables(peers: list[dict[str, str]], rows: list[dict[str, Any]]) -> lis
                    f"| {_cell(get(cand, 'small', 'p99_ms'))} "
                    f"| {per_req} | {_cell(get(cand, '1m'))} | {_cell(get(cand, 'big'))} "
                    f"| {_cell(note(cand, 'big', 'ttfb_s'))} "
-                   f"| {_cell(get(cand, 'big', 'peak_rss_mb'))} | {errors} |")
+                   f"| {_cell(get(cand, 'big', 'peak_rss_mb'))} | {errors} "
+                   f"| {'; '.join(f'{sc} {flags(cand, sc)}' for sc in UNITS if flags(cand, sc))} |")
     ours = [c for c in candidates if c.startswith("authproxy")]
     out += ["", "authproxy against the peers (shared harness, same invocation):", "",
            "| candidate | scenario | value | / werkzeug_proxy | / go_httputil | p99 ms "
-           "| p99 / go p99 | peak RSS MiB |",
-           "|---|---|--:|--:|--:|--:|--:|--:|"]
+           "| p99 / go p99 | peak RSS MiB | remarks |",
+           "|---|---|--:|--:|--:|--:|--:|--:|---|"]
     for cand in ours:
         for scenario in UNITS:
             value = get(cand, scenario)
@@ -265,14 +273,15 @@ def peers_tables(peers: list[dict[str, str]], rows: list[dict[str, Any]]) -> lis
                 f"| {ratio(value, get('werkzeug_proxy', scenario))} "
                 f"| {ratio(value, get('go_httputil', scenario))} | {_cell(p99)} "
                 f"| {ratio(p99, get('go_httputil', scenario, 'p99_ms'))} "
-                f"| {_cell(get(cand, scenario, 'peak_rss_mb'))} |")
+                f"| {_cell(get(cand, scenario, 'peak_rss_mb'))} | {flags(cand, scenario)} |")
     on, off = get("authproxy_pipeline", "small"), get("authproxy_pipeline_noid", "small")
     if on and off:
         out += ["", f"Identity on vs off in the harness (small): {(off - on) / off * 100:+.1f} % "
                 "(authproxy_pipeline has one more inject-headers step, which adds the token)."]
     if "authproxy_forwarder" in ours:
-        out += ["", "The harness's `check` row fails for authproxy_forwarder by design: "
-                "(a) injects no Authorization."]
+        out += ["", "By design the harness's `check` fails for authproxy_forwarder ((a) injects "
+                "no Authorization) and for gunicorn_hello (it forwards nothing; its 1m row "
+                "is a 100-byte answer)."]
     full = next((c for c in ("authproxy_pipeline", "authproxy_pipeline_noid") if c in ours), None)
     if full is None:
         return out
