@@ -36,6 +36,7 @@ SENSITIVE_HEADERS = frozenset(
     }
 )
 _FORMATS = ("json", "combined")
+_ENCODE = json.JSONEncoder(separators=(",", ":"), sort_keys=True).encode
 
 __all__ = ["SENSITIVE_HEADERS", "AccessLog", "client_address", "parse_networks"]
 
@@ -148,11 +149,11 @@ class AccessLog:
             identity=identity.name if identity is not None else None,
             refusal=environ.get(REFUSAL),
         )
-        if self.format == "json":
-            line = json.dumps(record, separators=(",", ":"), sort_keys=True)
-        else:
-            line = _combined(record, started)
-        self.logger.info(line)
+        line = _ENCODE(record) if self.format == "json" else _combined(record, started)
+        # makeRecord + handle: what logger.info does, minus the stack walk to
+        # find the caller, which no access line shows.
+        logger = self.logger
+        logger.handle(logger.makeRecord(logger.name, logging.INFO, "", 0, line, None, None))
 
 
 def _combined(r: dict[str, Any], started: float) -> str:
