@@ -9,6 +9,9 @@ Middlewares never import each other; they talk through these environ keys.
 ``authproxy.upstream_url``        the upstream the forwarder sends to
 ``authproxy.upstream_ms``         time to the upstream's response headers (float, ms)
 ``authproxy.step``                name of the step that failed, when one raised
+``authproxy.tunnel_bytes_in``     bytes relayed client -> upstream by an Upgrade tunnel
+``authproxy.tunnel_bytes_out``    bytes relayed upstream -> client by an Upgrade tunnel
+``authproxy.tunnel_end``          why the tunnel ended: closed, idle, lifetime, reset, error
 ================================  =====================================================
 """
 
@@ -29,12 +32,18 @@ REFUSAL = "authproxy.refusal"
 UPSTREAM_URL = "authproxy.upstream_url"
 UPSTREAM_MS = "authproxy.upstream_ms"
 STEP = "authproxy.step"
+TUNNEL_BYTES_IN = "authproxy.tunnel_bytes_in"
+TUNNEL_BYTES_OUT = "authproxy.tunnel_bytes_out"
+TUNNEL_END = "authproxy.tunnel_end"
 
 __all__ = [
     "IDENTITY",
     "REFUSAL",
     "REQUEST_ID",
     "STEP",
+    "TUNNEL_BYTES_IN",
+    "TUNNEL_BYTES_OUT",
+    "TUNNEL_END",
     "UPSTREAM_MS",
     "UPSTREAM_URL",
     "VerifiedIdentity",
