@@ -35,10 +35,13 @@ from .errors import (
 from .headers import (
     HOP_BY_HOP_NAMES,
     REQUEST_CHUNKED_KEY,
+    UPGRADE_KEY,
     connection_tokens,
     header_name,
     sanitize,
 )
+from .sockets import ClientGone, UpstreamWait
+from .tunnel import Tunnel
 
 if TYPE_CHECKING:
     from _typeshed.wsgi import StartResponse, WSGIEnvironment
@@ -51,6 +54,7 @@ UPSTREAM_URL_KEY = "authproxy.upstream_url"
 #: Bodies up to this size with a known length are read whole before the
 #: response starts (one write, and an upstream failure is still a clean 502).
 SMALL_BODY = 64 * 1024
+#: Always streamed, whatever their length (compared in lower case, parameters ignored).
 _STREAMING_TYPES = ("text/event-stream",)
 _NO_BODY_STATUS = frozenset({204, 304})
 _IDEMPOTENT = frozenset({"GET", "HEAD", "OPTIONS", "TRACE", "PUT", "DELETE"})
@@ -113,6 +117,13 @@ class Forwarder:
     :param strip_impersonation: drop client ``Impersonate-*`` headers (default).
     :param pool_size: upstream connections kept open; match the server's threads.
     :param chunk_size: largest piece read from a streamed body.
+    :param websocket: relay WebSocket and other HTTP/1.1 Upgrade requests
+        through the server's raw socket (default); ``False`` forwards them as
+        plain requests without the upgrade (see :mod:`authproxy.tunnel`).
+    :param websocket_idle_timeout: seconds a tunnel may carry no byte either
+        way before it is closed; 0 or None: no limit.
+    :param websocket_max_lifetime: seconds after which any tunnel is closed;
+        0 or None (default): no limit.
 
     Example::
 
@@ -132,6 +143,9 @@ class Forwarder:
         strip_impersonation: bool = True,
         pool_size: int = 16,
         chunk_size: int = 64 * 1024,
+        websocket: bool = True,
+        websocket_idle_timeout: float | None = 3600.0,
+        websocket_max_lifetime: float | None = None,
     ) -> None:
         parts = urlsplit(url)
         if parts.scheme not in ("http", "https"):
@@ -145,6 +159,14 @@ class Forwarder:
         for key, value in (("connect_timeout", connect_timeout), ("read_timeout", read_timeout)):
             if not value > 0:
                 raise ConfigError(f"upstream.{key}", f"expected a positive number, got {value!r}")
+        for key, limit in (
+            ("websocket_idle_timeout", websocket_idle_timeout),
+            ("websocket_max_lifetime", websocket_max_lifetime),
+        ):
+            if limit is not None and not limit >= 0:
+                raise ConfigError(
+                    f"upstream.{key}", f"expected seconds (0: no limit), got {limit!r}"
+                )
         if pool_size < 1:
             raise ConfigError("upstream.pool_size", f"expected at least 1, got {pool_size!r}")
         self.url = url
@@ -168,6 +190,17 @@ class Forwarder:
         adapter = self.session.get_adapter(prepared.url or "")
         assert isinstance(adapter, HTTPAdapter)
         self._pool = adapter.get_connection_with_tls_context(prepared, tls_verify, cert=cert)
+        self._tunnel = (
+            Tunnel(
+                self._pool,
+                timeout=self._timeout,
+                idle_timeout=websocket_idle_timeout,
+                max_lifetime=websocket_max_lifetime,
+                chunk_size=chunk_size,
+            )
+            if websocket
+            else None
+        )
         self._ready_at = 0.0
         self._ready = False
         self._ready_lock = threading.Lock()
@@ -206,6 +239,18 @@ class Forwarder:
             return _error(start_response, "411 Length Required")
         method = environ["REQUEST_METHOD"]
         environ[UPSTREAM_URL_KEY] = self.url
+
+        def relay(
+            method: str, response: urllib3.BaseHTTPResponse, start_response: StartResponse
+        ) -> Iterable[bytes]:
+            return self._relay(method, response, start_response, environ)
+
+        # An upgrade only means something on an HTTP/1.1 connection; elsewhere
+        # the request is served as if it had not asked (RFC 9110 7.8 allows it).
+        if UPGRADE_KEY in environ and self._tunnel and environ.get("SERVER_PROTOCOL") == "HTTP/1.1":
+            headers = self._headers(environ)
+            tunnel = self._tunnel
+            return tunnel(environ, start_response, method, target, headers, body, chunked, relay)
         started = time.perf_counter()
         try:
             response = self._send(method, target, self._headers(environ), body, chunked)
@@ -215,7 +260,7 @@ class Forwarder:
             )
             return _error(start_response, exc.status)
         environ[UPSTREAM_MS_KEY] = (time.perf_counter() - started) * 1000.0
-        return self._relay(method, response, start_response)
+        return relay(method, response, start_response)
 
     def _headers(self, environ: WSGIEnvironment) -> dict[str, str]:
         headers = {
@@ -292,7 +337,11 @@ class Forwarder:
         raise AssertionError("unreachable")
 
     def _relay(
-        self, method: str, response: urllib3.BaseHTTPResponse, start_response: StartResponse
+        self,
+        method: str,
+        response: urllib3.BaseHTTPResponse,
+        start_response: StartResponse,
+        environ: WSGIEnvironment,
     ) -> Iterable[bytes]:
         raw = response.headers
         drop = HOP_BY_HOP_NAMES
@@ -305,7 +354,7 @@ class Forwarder:
             response.release_conn()
             start_response(status, headers)
             return []
-        content_type = raw.get("content-type", "")
+        content_type = raw.get("content-type", "").lower()
         if length is not None and length <= SMALL_BODY and not content_type.startswith(
             _STREAMING_TYPES
         ):
@@ -320,7 +369,10 @@ class Forwarder:
             start_response(status, headers)
             return [data]
         start_response(status, headers)
-        return _Stream(response, self.chunk_size)
+        # Watch the client while waiting for the upstream: a quiet stream whose
+        # client left is closed now, not when the upstream next writes.
+        wait = UpstreamWait.create(response, environ, self._timeout.read_timeout or 60.0)
+        return _Stream(response, self.chunk_size, wait)
 
     # -- readiness -------------------------------------------------------------
 
@@ -346,31 +398,46 @@ class Forwarder:
 
 
 class _Stream:
-    """A streamed upstream body: read as it arrives, closed with the client.
+    """A streamed upstream body: each piece passed on as it arrives, closed with the client.
 
     A failure mid-body raises, so the server aborts the client connection
     instead of ending the body short and making a truncated file look whole.
+    With *wait*, a client that hangs up while the upstream is quiet ends the
+    body at once (:class:`~authproxy.sockets.ClientGone`).
     """
 
-    __slots__ = ("_response", "_chunk_size")
+    __slots__ = ("_response", "_chunk_size", "_wait")
 
-    def __init__(self, response: urllib3.BaseHTTPResponse, chunk_size: int) -> None:
+    def __init__(
+        self,
+        response: urllib3.BaseHTTPResponse,
+        chunk_size: int,
+        wait: UpstreamWait | None = None,
+    ) -> None:
         self._response = response
         self._chunk_size = chunk_size
+        self._wait = wait
 
     def __iter__(self) -> Iterator[bytes]:
         read1 = self._response.read1
         size = self._chunk_size
+        wait = self._wait.wait if self._wait is not None else None
         try:
             while True:
+                if wait is not None:
+                    wait()
                 data = read1(size)
                 if not data:
                     return
                 yield data
+        except (ClientGone, UpstreamError):
+            raise
         except (urllib3.exceptions.HTTPError, http.client.HTTPException, OSError) as exc:
             raise UpstreamProtocolError(f"upstream body failed: {type(exc).__name__}") from exc
 
     def close(self) -> None:
+        if self._wait is not None:
+            self._wait.close()
         response = self._response
         if not response.closed:
             response.close()  # not read to the end: the connection can't be reused
