@@ -67,6 +67,9 @@ class Pipeline:
             preserve_host=up.preserve_host,
             strip_impersonation=up.strip_impersonation,
             pool_size=config.server.threads,
+            websocket=up.websocket,
+            websocket_idle_timeout=up.websocket_idle_timeout,
+            websocket_max_lifetime=up.websocket_max_lifetime,
         )
         app: Any = _Guard(self.forwarder, "forwarder")
         built: list[tuple[str, Any]] = []
