@@ -135,14 +135,27 @@ class UpstreamWait:
             self._client = None
 
     def _readable(self) -> bool:
-        """True if the response's reader holds bytes (or got them just now)."""
-        reader = _reader(self._response)
+        """True if the next read finds body bytes (or the body's end) already here."""
+        body = getattr(self._response, "_fp", None)  # http.client's response
+        reader = getattr(body, "fp", None)
         if reader is None:
             return True  # body done: the next read returns at once
+        pending = getattr(self._upstream, "pending", None)  # TLS: decrypted, not yet read
         try:
-            return bool(peek(reader, self._upstream))
+            if pending is not None and pending() > 0:
+                return True
+            data = peek(reader, self._upstream)
         except (OSError, ValueError):
             return True  # the read will report it
+        if not data:
+            return False
+        if not getattr(body, "chunked", False):
+            return True
+        # Chunked: the previous chunk's CRLF and the next size line come first.
+        # http.client's chunk_left: None before the first chunk, 0 between chunks.
+        left = getattr(body, "chunk_left", None)
+        lines = 0 if left else 1 if left is None else 2
+        return data.count(b"\n") >= lines
 
     def close(self) -> None:
         if self._selector is not None:

@@ -266,6 +266,17 @@ class LiveUpstream:
 
         return body()
 
+    def route_late(self, environ: Env, start_response: Any, args: Args) -> Any:
+        """The response head only comes once gate ``id`` opens."""
+        name = args["id"]
+        start_response("200 OK", [("Content-Type", "text/plain")])
+
+        def body() -> Iterator[bytes]:
+            self.gate(name).wait(PATIENCE)
+            yield b"late but here"
+
+        return body()
+
     def route_page(self, environ: Env, start_response: Any, args: Args) -> Any:
         body = PAGE.encode()
         start_response(
