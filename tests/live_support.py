@@ -345,7 +345,10 @@ PAGE = """<!doctype html>
 const ws = new WebSocket((location.protocol === "https:" ? "wss://" : "ws://")
                          + location.host + "/ws/echo?id=browser");
 ws.onopen = () => ws.send("hello from the browser");
-ws.onmessage = (e) => { document.getElementById("ws").textContent = "echo: " + e.data; };
+ws.onmessage = (e) => {
+  document.getElementById("ws").textContent = "echo: " + e.data;
+  ws.close(1000, "done");
+};
 ws.onerror = () => { document.getElementById("ws").textContent = "error"; };
 const es = new EventSource("/events");
 es.onmessage = (e) => { document.getElementById("sse").textContent = e.data; es.close(); };
