@@ -14,7 +14,7 @@ injected credential like any other request). The :class:`Tunnel`:
    connection stays plain HTTP, and its next request goes through the whole
    pipeline again;
 4. on ``101`` naming one of the requested protocols, writes the ``101`` to the
-   client itself and splices bytes both ways (:func:`~authproxy.sockets.splice`)
+   client itself and splices bytes both ways (:func:`~authproxy.splice.splice`)
    until both sides have closed, the tunnel is idle too long, or it reaches its
    maximum lifetime;
 5. then shuts the client socket down, so the server can neither write a
@@ -38,7 +38,14 @@ from typing import TYPE_CHECKING, Any
 
 import urllib3
 
-from .context import TUNNEL_BYTES_IN, TUNNEL_BYTES_OUT, TUNNEL_END, UPSTREAM_MS, plain_response
+from .context import (
+    TUNNEL_BYTES_IN,
+    TUNNEL_BYTES_OUT,
+    TUNNEL_END,
+    UPSTREAM_MS,
+    UPSTREAM_URL,
+    plain_response,
+)
 from .context import refuse as _refuse
 from .errors import (
     UpstreamConnectError,
@@ -47,7 +54,8 @@ from .errors import (
     UpstreamTimeout,
 )
 from .headers import HOP_BY_HOP_NAMES, UPGRADE_KEY, connection_tokens, has_ctl
-from .sockets import client_socket, pipelined, splice, take_buffered
+from .sockets import client_socket, pipelined, take_buffered
+from .splice import splice
 
 if TYPE_CHECKING:
     from _typeshed.wsgi import StartResponse, WSGIEnvironment
@@ -107,6 +115,8 @@ class Tunnel:
         relay: Relay,
     ) -> Iterable[bytes]:
         upgrade: str = environ[UPGRADE_KEY]
+        if not (upgrade.isascii() and upgrade.isprintable() and upgrade.strip()):
+            return _refuse(environ, start_response, 400, "Upgrade header not printable ASCII")
         client = client_socket(environ)
         if client is None:
             log.error(
@@ -117,8 +127,6 @@ class Tunnel:
                 environ.get("PATH_INFO", ""),
             )
             return _refuse(environ, start_response, 501, "upgrade needs the server's raw socket")
-        if not (upgrade.isascii() and upgrade.isprintable() and upgrade.strip()):
-            return _refuse(environ, start_response, 400, "Upgrade header not printable ASCII")
         headers = {**headers, "Connection": "Upgrade", "Upgrade": upgrade}
         conn: Any = self.pool._new_conn()
         started = time.perf_counter()
@@ -128,7 +136,7 @@ class Tunnel:
             conn.close()
             log.warning(
                 "upstream %s failed: upgrade %s %s: %s",
-                environ.get("authproxy.upstream_url"),
+                environ.get(UPSTREAM_URL),
                 method,
                 target,
                 type(exc).__name__,
