@@ -415,3 +415,35 @@ def test_wss_behind_an_https_upstream_uses_the_forwarders_tls_settings(
         assert len(live.seen) == before
     finally:
         live.stop()
+
+
+def test_an_unprintable_upgrade_is_a_bad_request(live: LiveUpstream) -> None:
+    forwarder = Forwarder(live.url)
+    try:
+        response = werkzeug.test.Client(forwarder).get(
+            "/ws/echo", headers={"Connection": "Upgrade", "Upgrade": "web\x7fsocket"}
+        )
+    finally:
+        forwarder.close()
+    assert response.status_code == 400
+    assert live.seen == []
+
+
+def test_combined_access_log_line_of_a_tunnel(caplog: pytest.LogCaptureFixture) -> None:
+    from authproxy import AccessLog
+
+    def tunnel_like(environ: dict[str, Any], start_response: Any) -> list[bytes]:
+        start_response("101 Switching Protocols", [])
+        environ.update({
+            "authproxy.tunnel_bytes_in": 5,
+            "authproxy.tunnel_bytes_out": 7,
+            "authproxy.tunnel_end": "idle",
+        })
+        return []
+
+    app = AccessLog(tunnel_like, format="combined")
+    werkzeug.test.Client(app).get("/ws", buffered=True)
+    lines = [r.getMessage() for r in caplog.records if r.name == "authproxy.access"]
+    assert len(lines) == 1
+    assert '"GET /ws HTTP/1.1" 101 0' in lines[0]
+    assert lines[0].endswith(" tunnel 5 7 idle")
