@@ -57,6 +57,10 @@ class UpstreamConfig:
     read_timeout: float = 60.0
     preserve_host: bool = False
     strip_impersonation: bool = True
+    #: relay WebSocket/Upgrade requests through the server's raw socket.
+    websocket: bool = True
+    websocket_idle_timeout: float | None = 3600.0
+    websocket_max_lifetime: float | None = None
 
 
 @dataclass(frozen=True)

@@ -12,6 +12,9 @@ Middlewares never import each other; they talk through these environ keys.
 ``authproxy.upstream_ms``         time to the upstream's response headers (float, ms),
                                   set once the forwarder has the answer
 ``authproxy.step``                name of the step that failed, when one raised
+``authproxy.tunnel_bytes_in``     bytes relayed client -> upstream by an Upgrade tunnel
+``authproxy.tunnel_bytes_out``    bytes relayed upstream -> client by an Upgrade tunnel
+``authproxy.tunnel_end``          why the tunnel ended: closed, idle, lifetime, reset, error
 ================================  =====================================================
 
 Helpers: :func:`refuse` (answer with a status, the reason goes to the access
@@ -40,6 +43,9 @@ REFUSAL = "authproxy.refusal"
 UPSTREAM_URL = "authproxy.upstream_url"
 UPSTREAM_MS = "authproxy.upstream_ms"
 STEP = "authproxy.step"
+TUNNEL_BYTES_IN = "authproxy.tunnel_bytes_in"
+TUNNEL_BYTES_OUT = "authproxy.tunnel_bytes_out"
+TUNNEL_END = "authproxy.tunnel_end"
 
 __all__ = [
     "CLIENT_ADDRESS",
@@ -47,6 +53,9 @@ __all__ = [
     "REFUSAL",
     "REQUEST_ID",
     "STEP",
+    "TUNNEL_BYTES_IN",
+    "TUNNEL_BYTES_OUT",
+    "TUNNEL_END",
     "UPSTREAM_MS",
     "UPSTREAM_URL",
     "ClientAddress",

@@ -28,11 +28,14 @@ from .errors import ConfigError, UpstreamError, UpstreamProtocolError
 from .headers import (
     HOP_BY_HOP_NAMES,
     REQUEST_CHUNKED_KEY,
+    UPGRADE_KEY,
     connection_tokens,
     header_name,
     sanitize,
 )
+from .sockets import UpstreamWait
 from .transport import Response, Transport
+from .tunnel import Tunnel
 
 if TYPE_CHECKING:
     from _typeshed.wsgi import StartResponse, WSGIEnvironment
@@ -45,6 +48,7 @@ UPSTREAM_URL_KEY = "authproxy.upstream_url"
 #: Bodies up to this size with a known length are read whole before the
 #: response starts (one write, and an upstream failure is still a clean 502).
 SMALL_BODY = 64 * 1024
+#: Always streamed, whatever their length (compared in lower case, parameters ignored).
 _STREAMING_TYPES = ("text/event-stream",)
 # Hop-by-hop headers, and the two that every WSGI server writes itself
 # (a second Date or Server would repeat a singleton field).
@@ -115,6 +119,13 @@ class Forwarder:
     :param pool_size: upstream connections kept open; match the server's threads.
     :param chunk_size: largest piece read from the upstream at once (bounds memory
         per stream; larger pieces mean fewer writes).
+    :param websocket: relay WebSocket and other HTTP/1.1 Upgrade requests
+        through the server's raw socket (default); ``False`` forwards them as
+        plain requests without the upgrade (see :mod:`authproxy.tunnel`).
+    :param websocket_idle_timeout: seconds a tunnel may carry no byte either
+        way before it is closed; 0 or None: no limit.
+    :param websocket_max_lifetime: seconds after which any tunnel is closed;
+        0 or None (default): no limit.
 
     Example::
 
@@ -134,6 +145,9 @@ class Forwarder:
         strip_impersonation: bool = True,
         pool_size: int = 16,
         chunk_size: int = 256 * 1024,
+        websocket: bool = True,
+        websocket_idle_timeout: float | None = 3600.0,
+        websocket_max_lifetime: float | None = None,
     ) -> None:
         parts = urlsplit(url)
         if parts.scheme not in ("http", "https"):
@@ -147,6 +161,14 @@ class Forwarder:
         for key, value in (("connect_timeout", connect_timeout), ("read_timeout", read_timeout)):
             if not value > 0:
                 raise ConfigError(f"upstream.{key}", f"expected a positive number, got {value!r}")
+        for key, limit in (
+            ("websocket_idle_timeout", websocket_idle_timeout),
+            ("websocket_max_lifetime", websocket_max_lifetime),
+        ):
+            if limit is not None and not limit >= 0:
+                raise ConfigError(
+                    f"upstream.{key}", f"expected seconds (0: no limit), got {limit!r}"
+                )
         if pool_size < 1:
             raise ConfigError("upstream.pool_size", f"expected at least 1, got {pool_size!r}")
         self.url = url
@@ -174,6 +196,17 @@ class Forwarder:
         assert isinstance(pool, urllib3.HTTPConnectionPool)
         self._pool = pool
         self._transport = Transport(pool, connect_timeout, read_timeout, chunk_size)
+        self._read_timeout = read_timeout
+        self._tunnel = (
+            Tunnel(
+                self._transport,
+                idle_timeout=websocket_idle_timeout,
+                max_lifetime=websocket_max_lifetime,
+                chunk_size=chunk_size,
+            )
+            if websocket
+            else None
+        )
         self._ready_at = 0.0
         self._ready = False
         self._ready_lock = threading.Lock()
@@ -212,6 +245,23 @@ class Forwarder:
             return _error(start_response, "411 Length Required")
         method = environ["REQUEST_METHOD"]
         environ[UPSTREAM_URL_KEY] = self.url
+        # An upgrade only means something on an HTTP/1.1 connection; elsewhere
+        # the request is served as if it had not asked (RFC 9110 7.8 allows it).
+        if (
+            UPGRADE_KEY in environ
+            and self._tunnel is not None
+            and environ.get("SERVER_PROTOCOL") == "HTTP/1.1"
+        ):
+            return self._tunnel(
+                environ,
+                start_response,
+                method,
+                target,
+                self._headers(environ),
+                body,
+                chunked,
+                self._relay,
+            )
         started = time.perf_counter()
         try:
             response = self._send(method, target, self._headers(environ), body, chunked)
@@ -221,7 +271,7 @@ class Forwarder:
             log.warning("upstream %s failed: %s %s: %s", self.url, method, path, type(exc).__name__)
             return _error(start_response, exc.status)
         environ[UPSTREAM_MS_KEY] = (time.perf_counter() - started) * 1000.0
-        return self._relay(method, response, start_response)
+        return self._relay(method, response, start_response, environ)
 
     def _headers(self, environ: WSGIEnvironment) -> dict[str, str]:
         headers = {
@@ -261,7 +311,11 @@ class Forwarder:
         return self._transport.send(method, target, headers.items(), body, chunked)
 
     def _relay(
-        self, method: str, response: Response, start_response: StartResponse
+        self,
+        method: str,
+        response: Response,
+        start_response: StartResponse,
+        environ: WSGIEnvironment,
     ) -> Iterable[bytes]:
         drop = _NOT_RELAYED
         for name, value in response.headers:
@@ -285,7 +339,12 @@ class Forwarder:
             start_response(status, headers)
             return [data]
         start_response(status, headers)
-        return _Stream(response)
+        # Watch the client while waiting for the upstream: a quiet stream whose
+        # client left is closed now, not when the upstream next writes.
+        wait = UpstreamWait.create(response, environ, self._read_timeout)
+        if wait is not None:
+            response.before_read = wait.wait
+        return _Stream(response, wait)
 
     # -- readiness -------------------------------------------------------------
 
@@ -311,28 +370,33 @@ class Forwarder:
 
 
 class _Stream:
-    """A streamed upstream body: relayed as it arrives, closed with the client.
+    """A streamed upstream body: each piece passed on as it arrives, closed with the client.
 
     A failure mid-body raises, so the server aborts the client connection
     instead of ending the body short and making a truncated file look whole.
+    With *wait*, a client that hangs up while the upstream is quiet ends the
+    body at once (:class:`~authproxy.sockets.ClientGone`).
     """
 
-    __slots__ = ("_response",)
+    __slots__ = ("_response", "_wait")
 
-    def __init__(self, response: Response) -> None:
+    def __init__(self, response: Response, wait: UpstreamWait | None = None) -> None:
         self._response = response
+        self._wait = wait
 
     def __iter__(self) -> Iterator[bytes]:
         return iter(self._response)
 
     def close(self) -> None:
+        if self._wait is not None:
+            self._wait.close()
         self._response.close()
 
 
 def _is_streaming(headers: list[tuple[str, str]]) -> bool:
     for name, value in headers:
         if name.lower() == "content-type":
-            return value.lower().startswith(_STREAMING_TYPES)
+            return value.lstrip().lower().startswith(_STREAMING_TYPES)
     return False
 
 

@@ -66,7 +66,10 @@ class Pipeline:
             read_timeout=up.read_timeout,
             preserve_host=up.preserve_host,
             strip_impersonation=up.strip_impersonation,
-            pool_size=config.server.threads,
+            pool_size=_pool_size(config),
+            websocket=up.websocket,
+            websocket_idle_timeout=up.websocket_idle_timeout,
+            websocket_max_lifetime=up.websocket_max_lifetime,
         )
         app: Any = _Guard(self.forwarder, "forwarder")
         built: list[tuple[str, Any]] = []
@@ -107,6 +110,14 @@ class Pipeline:
             if callable(close):
                 close()
         self.forwarder.close()
+
+
+def _pool_size(config: Config) -> int:
+    """Upstream connections to keep: one per thread, or, for the async workers
+    (one connection per greenlet), as many as gunicorn lets a worker hold."""
+    if config.server.worker_class in ("gthread", "sync"):
+        return config.server.threads
+    return 1000  # gunicorn's worker_connections
 
 
 def build_app(config: Config | Mapping[str, Any]) -> Pipeline:

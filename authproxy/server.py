@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import warnings
 from typing import Any
 
 from gunicorn.app.base import BaseApplication
@@ -46,9 +47,30 @@ class Server(BaseApplication):  # type: ignore[misc]
             # gunicorn >= 25 opens a control socket under $HOME by default: a
             # sidecar with a read-only root file system has no use for it.
             self.cfg.set("control_socket_disable", True)
+        if self.config.server.worker_class == "gevent":
+            # The worker patches ssl after urllib3 imported it; _gevent_tls()
+            # repairs the one reference that matters, so the warning is noise.
+            warnings.filterwarnings("ignore", message="Monkey-patching ssl after ssl")
 
     def load(self) -> Any:
+        if self.config.server.worker_class == "gevent":
+            _gevent_tls()
         return build_app(self.config)
+
+
+def _gevent_tls() -> None:
+    """Let TLS to the upstream yield to other greenlets under the gevent worker.
+
+    The worker monkey-patches ``ssl`` after the fork, but urllib3 was imported
+    in the master and kept its own reference to the unpatched ``SSLContext``:
+    every upstream TLS read would block the whole worker. Point it at the
+    patched class before the forwarder makes its pool.
+    """
+    import ssl
+
+    import urllib3.util.ssl_
+
+    urllib3.util.ssl_.SSLContext = ssl.SSLContext  # type: ignore[assignment]
 
 
 def serve(config: Config) -> None:

@@ -14,7 +14,7 @@ and both sides agreed to keep it alive.
 from __future__ import annotations
 
 import socket
-from collections.abc import Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from typing import Any
 
 import httptools
@@ -50,6 +50,8 @@ class Response:
         "_keep_alive",
         "_received",
         "_recv_size",
+        "before_read",
+        "upgraded",
     )
 
     def __init__(self, conn: Any, pool: Any, no_body: bool, recv_size: int) -> None:
@@ -70,6 +72,10 @@ class Response:
         self._keep_alive = False
         self._received = 0
         self._recv_size = recv_size
+        #: Called before each blocking read of the body (e.g. to watch the client).
+        self.before_read: Callable[[], None] | None = None
+        #: After a ``101``: the bytes that came behind its head (the new protocol's).
+        self.upgraded = b""
 
     # -- httptools callbacks -------------------------------------------------
 
@@ -108,7 +114,7 @@ class Response:
                 self.length = int(value)
                 self.headers.append(("Content-Length", value))
         self._keep_alive = self._parser.should_keep_alive()
-        if self._no_body or status in _NO_BODY_STATUS:
+        if self._no_body or status in _NO_BODY_STATUS or status == 101:
             self._no_body = True
             self._complete = True
         elif self.length is None and not chunked:
@@ -131,8 +137,28 @@ class Response:
         data = self._sock.recv(self._recv_size)
         if not data:
             return False
-        self._parser.feed_data(data)
+        try:
+            self._parser.feed_data(data)
+        except httptools.HttpParserUpgrade as upgrade:
+            # A 101: the rest of the stream is the new protocol's, not HTTP.
+            self.upgraded = data[upgrade.args[0] :]
+            self._complete = True
         return True
+
+    @property
+    def sock(self) -> socket.socket:
+        return self._sock
+
+    @property
+    def connection(self) -> Any:
+        return self._conn
+
+    def buffered(self) -> bool:
+        """True if reading the body can go on without waiting for the upstream."""
+        if self._pending or self._complete:
+            return True
+        pending = getattr(self._sock, "pending", None)  # TLS: decrypted, not yet read
+        return bool(pending is not None and pending() > 0)
 
     def read_head(self) -> None:
         while not self._headers_done:
@@ -168,6 +194,8 @@ class Response:
         remaining = length - self._received
         recv, size = self._sock.recv, self._recv_size
         while remaining > 0:
+            if self.before_read is not None:
+                self.before_read()
             try:
                 data = recv(remaining if remaining < size else size)
             except OSError as exc:
@@ -194,6 +222,8 @@ class Response:
             if self._complete:
                 self.release()
                 return
+            if self.before_read is not None:
+                self.before_read()
             try:
                 more = self._feed()
             except httptools.HttpParserError as exc:
@@ -217,6 +247,8 @@ class Response:
             return
         self._released = True
         conn = self._conn
+        if self._pool is None:  # not pooled: the caller owns the connection
+            return
         if not (self._complete and self._keep_alive):
             conn.close()
         self._pool._put_conn(conn)
@@ -275,6 +307,9 @@ class Transport:
                 response = Response(conn, pool, method == "HEAD", self.recv_size)
                 _write(conn.sock, head, body, chunked)
                 response.read_head()
+                if response.status == 101:
+                    # Only an upgrade request (see send_unpooled) may switch protocols.
+                    raise UpstreamProtocolError("upstream switched protocols unasked")
                 return response
             except BaseException as exc:
                 conn.close()
@@ -294,6 +329,35 @@ class Transport:
                     continue
                 raise _upstream_error(exc) from exc
         raise AssertionError("unreachable")
+
+
+    def send_unpooled(
+        self,
+        method: str,
+        target: str,
+        headers: Iterable[tuple[str, str]],
+        body: Iterable[bytes] | bytes | None,
+        chunked: bool,
+    ) -> Response:
+        """Like :meth:`send`, on a new connection the pool never sees (an upgrade's).
+
+        The caller closes ``response.connection`` when done with it.
+        """
+        if chunked:
+            headers = [*headers, ("Transfer-Encoding", "chunked")]
+        head = encode_head(method, target, headers)
+        conn = self.pool._new_conn()
+        try:
+            conn.timeout = self.connect_timeout
+            conn.connect()
+            conn.sock.settimeout(self.read_timeout)
+            response = Response(conn, None, method == "HEAD", self.recv_size)
+            _write(conn.sock, head, body, chunked)
+            response.read_head()
+            return response
+        except BaseException as exc:
+            conn.close()
+            raise _upstream_error(exc) from exc
 
 
 def _write(sock: socket.socket, head: bytes, body: Any, chunked: bool) -> None:

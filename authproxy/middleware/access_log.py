@@ -14,7 +14,15 @@ from ..addresses import (
     client_address,
     parse_networks,
 )
-from ..context import IDENTITY, REFUSAL, REQUEST_ID, UPSTREAM_MS
+from ..context import (
+    IDENTITY,
+    REFUSAL,
+    REQUEST_ID,
+    TUNNEL_BYTES_IN,
+    TUNNEL_BYTES_OUT,
+    TUNNEL_END,
+    UPSTREAM_MS,
+)
 from ..errors import ConfigError
 from ..headers import environ_key
 from ..secrets import REDACTED
@@ -58,7 +66,10 @@ class AccessLog:
         credentials among them are always shown as ``***``.
 
     Fields: time, request_id, client, method, path, protocol, status, bytes,
-    duration_ms, upstream_ms, identity, user_agent, refusal.
+    duration_ms, upstream_ms, identity, user_agent, refusal; for a WebSocket
+    (Upgrade) tunnel, written when it ends, also tunnel_bytes_in (client to
+    upstream), tunnel_bytes_out and tunnel_end (closed, idle, lifetime, reset,
+    error); ``duration_ms`` is then the tunnel's whole life.
 
     Example::
 
@@ -149,6 +160,12 @@ class AccessLog:
             identity=identity.name if identity is not None else None,
             refusal=environ.get(REFUSAL),
         )
+        if TUNNEL_END in environ:
+            record.update(
+                tunnel_bytes_in=environ.get(TUNNEL_BYTES_IN),
+                tunnel_bytes_out=environ.get(TUNNEL_BYTES_OUT),
+                tunnel_end=environ.get(TUNNEL_END),
+            )
         line = _ENCODE(record) if self.format == "json" else _combined(record, started)
         # makeRecord + handle: what logger.info does, minus the stack walk to
         # find the caller, which no access line shows.
@@ -163,6 +180,11 @@ def _combined(r: dict[str, Any], started: float) -> str:
         f'{r["client"]} - {r["identity"] or "-"} [{when}] {json.dumps(request)} '
         f'{r["status"]} {r["bytes"]} {json.dumps(r["referer"] or "-")} '
         f'{json.dumps(r["user_agent"] or "-")} {r["duration_ms"]}'
+        + (
+            f' tunnel {r["tunnel_bytes_in"]} {r["tunnel_bytes_out"]} {r["tunnel_end"]}'
+            if "tunnel_end" in r
+            else ""
+        )
     )
 
 

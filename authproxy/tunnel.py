@@ -1,0 +1,249 @@
+"""WebSocket (and any HTTP/1.1 Upgrade) relayed through the WSGI server's raw socket.
+
+WSGI cannot express a protocol switch, so this is where authproxy steps
+outside it, and only after the whole pipeline has let the request through
+(identity verified, headers injected: the upgrade request carries the
+injected credential like any other request). The :class:`Tunnel`:
+
+1. refuses with ``501`` if the server offers no raw socket (and says why in
+   the log) before anything reaches the upstream;
+2. sends the request with ``Connection: Upgrade`` and its ``Upgrade`` on a
+   fresh upstream connection made by the forwarder's pool but never returned
+   to it (same TLS verification, CA bundle, client certificate, timeouts);
+3. relays any answer but ``101`` as an ordinary response: the client's
+   connection stays plain HTTP, and its next request goes through the whole
+   pipeline again;
+4. on ``101`` naming one of the requested protocols, writes the ``101`` to the
+   client itself and splices bytes both ways (:func:`~authproxy.splice.splice`)
+   until both sides have closed, the tunnel is idle too long, or it reaches its
+   maximum lifetime;
+5. then shuts the client socket down, so the server can neither write a
+   response of its own on it nor keep it for another request, and returns:
+   the access log writes the tunnel's line when the server closes the
+   response, with the bytes each way (environ ``authproxy.tunnel_bytes_in``,
+   ``authproxy.tunnel_bytes_out``) and why it ended (``authproxy.tunnel_end``).
+
+Each tunnel holds the request's thread (gthread) or greenlet (gevent) for its
+whole life.
+"""
+
+from __future__ import annotations
+
+import logging
+import socket
+import time
+from collections.abc import Callable, Iterable, Iterator
+from typing import TYPE_CHECKING, Any
+
+from .context import (
+    TUNNEL_BYTES_IN,
+    TUNNEL_BYTES_OUT,
+    TUNNEL_END,
+    UPSTREAM_MS,
+    UPSTREAM_URL,
+    plain_response,
+)
+from .context import refuse as _refuse
+from .errors import UpstreamError, UpstreamTimeout
+from .headers import HOP_BY_HOP_NAMES, UPGRADE_KEY, connection_tokens, has_ctl
+from .sockets import client_socket, pipelined
+from .splice import splice
+from .transport import Response, Transport
+
+if TYPE_CHECKING:
+    from _typeshed.wsgi import StartResponse, WSGIEnvironment
+
+log = logging.getLogger("authproxy.tunnel")
+
+#: Relays a non-101 answer as an ordinary response: (method, response, start_response, environ).
+Relay = Callable[[str, Response, "StartResponse", "WSGIEnvironment"], Iterable[bytes]]
+
+
+class Tunnel:
+    """Relays an accepted HTTP/1.1 Upgrade between the client and the upstream.
+
+    The :class:`~authproxy.forwarder.Forwarder` makes one (unless built with
+    ``websocket=False``) and hands it every request that asks to upgrade.
+
+    :param transport: the forwarder's :class:`~authproxy.transport.Transport`.
+        Each tunnel gets a new connection made by its pool (so with its TLS
+        settings and timeouts), never returned to it.
+    :param idle_timeout: seconds without a byte in either direction after which
+        the tunnel is closed; 0 or None: no limit.
+    :param max_lifetime: seconds after which a tunnel is closed however busy; 0 or
+        None: no limit.
+    :param chunk_size: largest piece read at once in each direction.
+
+    Example::
+
+        tunnel = Tunnel(transport, idle_timeout=600.0)
+    """
+
+    def __init__(
+        self,
+        transport: Transport,
+        *,
+        idle_timeout: float | None = 3600.0,
+        max_lifetime: float | None = None,
+        chunk_size: int = 64 * 1024,
+    ) -> None:
+        self.transport = transport
+        self.idle_timeout = idle_timeout
+        self.max_lifetime = max_lifetime
+        self.chunk_size = chunk_size
+
+    def __call__(
+        self,
+        environ: WSGIEnvironment,
+        start_response: StartResponse,
+        method: str,
+        target: str,
+        headers: dict[str, str],
+        body: Any,
+        chunked: bool,
+        relay: Relay,
+    ) -> Iterable[bytes]:
+        upgrade: str = environ[UPGRADE_KEY]
+        if not (upgrade.isascii() and upgrade.isprintable() and upgrade.strip()):
+            return _refuse(environ, start_response, 400, "Upgrade header not printable ASCII")
+        client = client_socket(environ)
+        if client is None:
+            log.error(
+                "cannot relay 'Upgrade: %s' for %s: this WSGI server offers no raw socket "
+                "(gunicorn.socket or werkzeug.socket); serve with gunicorn, or set "
+                "[upstream] websocket = false to forward such requests without the upgrade",
+                upgrade[:40],
+                environ.get("PATH_INFO", ""),
+            )
+            return _refuse(environ, start_response, 501, "upgrade needs the server's raw socket")
+        headers = {**headers, "Connection": "Upgrade", "Upgrade": upgrade}
+        started = time.perf_counter()
+        try:
+            response = self.transport.send_unpooled(
+                method, target, headers.items(), body, chunked
+            )
+        except UpstreamError as exc:
+            log.warning(
+                "upstream %s failed: upgrade %s %s: %s",
+                environ.get(UPSTREAM_URL),
+                method,
+                target.partition("?")[0],
+                type(exc).__name__,
+            )
+            return plain_response(start_response, 504 if isinstance(exc, UpstreamTimeout) else 502)
+        environ[UPSTREAM_MS] = (time.perf_counter() - started) * 1000.0
+        conn = response.connection
+        if response.status != 101:
+            # Refused (401, 403, 426...): an ordinary answer on a connection that
+            # stays plain HTTP, so the next request passes the pipeline again.
+            return _Closing(relay(method, response, start_response, environ), conn)
+        chosen = next((v for k, v in response.headers if k.lower() == "upgrade"), "")
+        if not _accepts(chosen, upgrade) or conn.sock is None:
+            conn.close()
+            log.warning(
+                "upstream answered 101 with Upgrade %r to a request for %r: not relayed",
+                chosen[:40],
+                upgrade[:40],
+            )
+            return plain_response(start_response, 502)
+        return self._splice(environ, start_response, client, conn, response, chosen)
+
+    def _splice(
+        self,
+        environ: WSGIEnvironment,
+        start_response: StartResponse,
+        client: socket.socket,
+        conn: Any,
+        response: Response,
+        chosen: str,
+    ) -> list[bytes]:
+        upstream: socket.socket = conn.sock
+        head, relayed = _head(response, chosen)
+        # Tells the steps around us (access log) the status; the server itself
+        # writes nothing: we shut the socket down before it would.
+        start_response("101 Switching Protocols", relayed)
+        sent_up = sent_down = 0
+        ended = "reset"
+        try:
+            to_client = response.upgraded
+            to_upstream = pipelined(environ)
+            client.sendall(head)
+            sent_up, sent_down, ended = splice(
+                client,
+                upstream,
+                to_upstream=to_upstream,
+                to_client=to_client,
+                idle_timeout=self.idle_timeout,
+                max_lifetime=self.max_lifetime,
+                chunk_size=self.chunk_size,
+            )
+        except OSError as exc:
+            ended = "reset" if isinstance(exc, ConnectionError) else "error"
+        finally:
+            conn.close()
+            _hang_up(client)
+            environ[TUNNEL_BYTES_IN] = sent_up
+            environ[TUNNEL_BYTES_OUT] = sent_down
+            environ[TUNNEL_END] = ended
+        log.debug("tunnel %s ended (%s): %d bytes in, %d out", chosen, ended, sent_up, sent_down)
+        return []
+
+
+def _accepts(chosen: str, requested: str) -> bool:
+    """True if every protocol in the 101's Upgrade was among those requested."""
+    offered = connection_tokens(requested)
+    picked = connection_tokens(chosen)
+    return bool(picked) and all(p in offered for p in picked)
+
+
+def _head(response: Response, chosen: str) -> tuple[bytes, list[tuple[str, str]]]:
+    """The 101 head for the client, and its end-to-end headers (for start_response)."""
+    drop = set(HOP_BY_HOP_NAMES)
+    for name, value in response.headers:
+        if name.lower() == "connection":
+            drop.update(connection_tokens(value))
+    relayed = [
+        (k, v)
+        for k, v in response.headers
+        if k.lower() not in drop and not has_ctl(k) and not has_ctl(v)
+    ]
+    reason = response.reason or ""
+    if has_ctl(reason) or not reason:
+        reason = "Switching Protocols"
+    lines = [
+        f"HTTP/1.1 101 {reason}",
+        *(f"{k}: {v}" for k, v in relayed),
+        "Connection: Upgrade",
+        f"Upgrade: {chosen}",
+    ]
+    return ("\r\n".join(lines) + "\r\n\r\n").encode("latin-1"), relayed
+
+
+def _hang_up(sock: socket.socket) -> None:
+    """End the client connection: whatever the server writes now fails, and it closes."""
+    try:
+        sock.setblocking(True)
+        sock.shutdown(socket.SHUT_RDWR)
+    except OSError:
+        pass
+
+
+class _Closing:
+    """A response body that closes the upgrade's upstream connection when done."""
+
+    __slots__ = ("_body", "_conn")
+
+    def __init__(self, body: Iterable[bytes], conn: Any) -> None:
+        self._body = body
+        self._conn = conn
+
+    def __iter__(self) -> Iterator[bytes]:
+        return iter(self._body)
+
+    def close(self) -> None:
+        try:
+            close = getattr(self._body, "close", None)
+            if close is not None:
+                close()
+        finally:
+            self._conn.close()
