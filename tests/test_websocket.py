@@ -8,6 +8,7 @@ import http.client
 import os
 import socket
 import threading
+import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
@@ -51,8 +52,7 @@ def ws(proxy: Proxy, path: str, **kwargs: Any) -> ClientConnection:
 
 def upgrade_request(path: str, protocol: str, host: str = "proxy") -> bytes:
     return (
-        f"GET {path} HTTP/1.1\r\nHost: {host}\r\nConnection: Upgrade\r\n"
-        f"Upgrade: {protocol}\r\n\r\n"
+        f"GET {path} HTTP/1.1\r\nHost: {host}\r\nConnection: Upgrade\r\nUpgrade: {protocol}\r\n\r\n"
     ).encode()
 
 
@@ -434,11 +434,13 @@ def test_combined_access_log_line_of_a_tunnel(caplog: pytest.LogCaptureFixture) 
 
     def tunnel_like(environ: dict[str, Any], start_response: Any) -> list[bytes]:
         start_response("101 Switching Protocols", [])
-        environ.update({
-            "authproxy.tunnel_bytes_in": 5,
-            "authproxy.tunnel_bytes_out": 7,
-            "authproxy.tunnel_end": "idle",
-        })
+        environ.update(
+            {
+                "authproxy.tunnel_bytes_in": 5,
+                "authproxy.tunnel_bytes_out": 7,
+                "authproxy.tunnel_end": "idle",
+            }
+        )
         return []
 
     app = AccessLog(tunnel_like, format="combined")
@@ -447,3 +449,55 @@ def test_combined_access_log_line_of_a_tunnel(caplog: pytest.LogCaptureFixture) 
     assert len(lines) == 1
     assert '"GET /ws HTTP/1.1" 101 0' in lines[0]
     assert lines[0].endswith(" tunnel 5 7 idle")
+
+
+# -- behind the real identity step -----------------------------------------------------
+
+
+def test_identity_gates_the_upgrade(live: LiveUpstream, start_proxy: Callable[..., Proxy]) -> None:
+    """No valid Access token: refused before anything reaches the upstream. A valid
+    one: the tunnel opens, and the upgrade request carries the injected credential."""
+    from .jwks import AUDIENCE, TEAM_DOMAIN, JwksServer, SigningKey, claims
+
+    key = SigningKey("RSA")
+    with JwksServer([key]) as jwks:
+        config = live_config(live, TOKEN)
+        identity = {
+            "use": "identity",
+            "team_domain": TEAM_DOMAIN,
+            "audience": [AUDIENCE],
+            "certs_url": jwks.url,
+        }
+        config["pipeline"].insert(1, identity)
+        proxy = start_proxy(config)
+        with pytest.raises(InvalidStatus) as refused:
+            ws(proxy, "/ws/echo?id=anonymous")
+        assert refused.value.response.status_code == 401
+        other = SigningKey("RSA")  # signed, but not by a key Access publishes
+        with pytest.raises(InvalidStatus) as forged:
+            ws(
+                proxy,
+                "/ws/echo?id=forged",
+                additional_headers={"Cf-Access-Jwt-Assertion": other.sign(claims())},
+            )
+        assert forged.value.response.status_code == 403
+        assert live.requests_to("/ws/echo") == []
+        token = key.sign(claims(email="ana@example.com"))
+        with ws(
+            proxy, "/ws/echo?id=verified", additional_headers={"Cf-Access-Jwt-Assertion": token}
+        ) as conn:
+            conn.send("who am I")
+            assert conn.recv(timeout=PATIENCE) == "who am I"
+        (upgrade,) = live.requests_to("/ws/echo")
+        assert upgrade.header("Authorization") == f"Bearer {TOKEN}"
+        assert upgrade.header("X-Auth-Request-Email") == "ana@example.com"
+        assert live.note("closed:verified").wait(PATIENCE)
+        deadline = time.monotonic() + PATIENCE
+        while len(lines := [r for r in proxy.access_lines() if r["path"] == "/ws/echo"]) < 3:
+            assert time.monotonic() < deadline, "the tunnel's access-log line never came"
+            time.sleep(0.05)
+        assert [(r["status"], r["identity"]) for r in lines] == [
+            (401, None),
+            (403, None),
+            (101, "ana@example.com"),
+        ]
