@@ -526,6 +526,10 @@ class Proxy:
         via: str = "flag",
     ) -> None:
         self.port = free_port()
+        # Workers the master should fork (the env-configured seed mode runs the default 2).
+        self.expected_workers = workers if config is not None or via == "gunicorn" else 2
+        if config is not None and "workers" in config.get("server", {}):
+            self.expected_workers = config["server"]["workers"]
         self.dir = Path(tempfile.mkdtemp(prefix="authproxy-test-"))
         self.log_path = self.dir / "stderr.log"
         args = [sys.executable, "-m", "authproxy.cli", "serve"]
@@ -570,9 +574,15 @@ class Proxy:
                 raise RuntimeError(f"authproxy exited {self.process.returncode}:\n{self.logs()}")
             try:
                 socket.create_connection(("127.0.0.1", self.port), timeout=0.5).close()
-                return
             except OSError:
                 time.sleep(0.05)
+                continue
+            # The master listens before it forks: wait for the workers too.
+            while len(self.worker_pids()) < self.expected_workers:
+                if time.monotonic() > deadline or self.process.poll() is not None:
+                    break
+                time.sleep(0.05)
+            return
         raise TimeoutError(f"authproxy did not start:\n{self.logs()}")
 
     @property
