@@ -121,6 +121,7 @@ install_system_packages() {
 prepare_venv() {
     if [ -n "${VENV:-}" ]; then
         [ -x "$VENV/bin/python" ] || die "VENV=$VENV has no bin/python"
+        VENV=$(cd "$VENV" && pwd)  # the peers' harness runs candidates from its own folder
         if ! "$VENV/bin/python" -c 'import authproxy' 2> /dev/null; then
             [ "$install" = 1 ] || die "authproxy is not installed in $VENV"
             "$VENV/bin/pip" install -q --disable-pip-version-check -e "$REPO" || die "pip failed"
