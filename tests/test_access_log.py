@@ -20,8 +20,20 @@ from .conftest import bearer_config
 from .support import TOKEN, assert_no_secret
 
 FIELDS = {
-    "bytes", "client", "duration_ms", "identity", "method", "path", "protocol", "referer",
-    "refusal", "request_id", "status", "time", "upstream_ms", "user_agent",
+    "bytes",
+    "client",
+    "duration_ms",
+    "identity",
+    "method",
+    "path",
+    "protocol",
+    "referer",
+    "refusal",
+    "request_id",
+    "status",
+    "time",
+    "upstream_ms",
+    "user_agent",
 }
 
 
@@ -126,7 +138,9 @@ def test_identity_and_refusal_are_logged(caplog: pytest.LogCaptureFixture) -> No
 
 
 def test_sensitive_headers_are_never_logged(caplog: pytest.LogCaptureFixture) -> None:
-    app = AccessLog(hello, log_headers=["Authorization", "Cookie", "X-Trace", "Cf-Access-Jwt-Assertion"])
+    app = AccessLog(
+        hello, log_headers=["Authorization", "Cookie", "X-Trace", "Cf-Access-Jwt-Assertion"]
+    )
     client(app).get(
         "/",
         headers={

@@ -68,8 +68,13 @@ def test_add_appends_and_remove_drops_names_and_prefixes() -> None:
     )
     Client(app).get(
         "/",
-        headers={"X-Tag": "client", "X-Drop": "1", "X-Internal-A": "2", "X-Internal-B": "3",
-                 "X-Keep": "4"},
+        headers={
+            "X-Tag": "client",
+            "X-Drop": "1",
+            "X-Internal-A": "2",
+            "X-Internal-B": "3",
+            "X-Keep": "4",
+        },
     )
     env = inner.environ
     assert env["HTTP_X_TAG"] == "client, proxy"
@@ -244,5 +249,7 @@ def test_logging_redacts_secrets_through_the_formatter() -> None:
     from authproxy.secrets import RedactingFormatter, register_secret
 
     register_secret("formatter-secret-1")
-    record = logging.LogRecord("t", logging.INFO, __file__, 1, "x %s", ("formatter-secret-1",), None)
+    record = logging.LogRecord(
+        "t", logging.INFO, __file__, 1, "x %s", ("formatter-secret-1",), None
+    )
     assert RedactingFormatter("%(message)s").format(record) == "x ***"

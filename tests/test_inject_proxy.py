@@ -15,7 +15,9 @@ import requests
 from .support import Upstream
 
 
-def test_token_file_rotation_under_load(upstream: Upstream, start_proxy: Any, tmp_path: Path) -> None:
+def test_token_file_rotation_under_load(
+    upstream: Upstream, start_proxy: Any, tmp_path: Path
+) -> None:
     old, new = "old-rotating-token-111", "new-rotating-token-222"
     token = tmp_path / "token"
     token.write_text(old)
@@ -107,7 +109,9 @@ def test_check_config_shows_sources_not_values(tmp_path: Path) -> None:
         '[[pipeline]]\nuse = "inject-headers"\n'
         f'set = {{ Authorization = "Bearer ${{file:{token}}}", X-Env = "${{env:AP_ENV_VALUE}}" }}\n'
     )
-    result = run_cli("check-config", "--config", str(config), env={"AP_ENV_VALUE": "env-never-shown"})
+    result = run_cli(
+        "check-config", "--config", str(config), env={"AP_ENV_VALUE": "env-never-shown"}
+    )
     assert result.returncode == 0, result.stderr
     assert "file-token-never-shown" not in result.stdout + result.stderr
     assert "env-never-shown" not in result.stdout + result.stderr

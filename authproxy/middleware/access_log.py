@@ -170,7 +170,7 @@ class AccessLog:
         # makeRecord + handle: what logger.info does, minus the stack walk to
         # find the caller, which no access line shows.
         logger = self.logger
-        logger.handle(logger.makeRecord(logger.name, logging.INFO, "", 0, line, None, None))
+        logger.handle(logger.makeRecord(logger.name, logging.INFO, "", 0, line, (), None))
 
 
 def _combined(r: dict[str, Any], started: float) -> str:
