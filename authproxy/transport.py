@@ -13,8 +13,10 @@ and both sides agreed to keep it alive.
 
 from __future__ import annotations
 
+import re
 import socket
 from collections.abc import Iterable, Iterator
+from http import HTTPStatus
 from typing import Any
 
 import httptools
@@ -23,6 +25,8 @@ from .errors import UpstreamConnectError, UpstreamProtocolError, UpstreamTimeout
 
 _IDEMPOTENT = frozenset({"GET", "HEAD", "OPTIONS", "TRACE", "PUT", "DELETE"})
 _NO_BODY_STATUS = frozenset({204, 304})
+# What a WSGI server accepts in a reason phrase (RFC 9112 4: HTAB / SP / VCHAR / obs-text).
+_BAD_REASON = re.compile(r"[^\t\x20-\x7e\x80-\xff]")
 
 
 class Response:
@@ -87,6 +91,12 @@ class Response:
             self.headers = []
             self.reason = ""
             return
+        if status < 100:
+            raise UpstreamProtocolError(f"status {status} from upstream")
+        if _BAD_REASON.search(self.reason):
+            # Control characters in the reason phrase: the server would refuse
+            # the status line; the code is what matters, use its usual phrase.
+            self.reason = _phrase(status)
         self.status = status
         self._headers_done = True
         lengths: set[str] = set()
@@ -226,6 +236,13 @@ class Response:
         if not self._complete:
             self._conn.close()
         self.release()
+
+
+def _phrase(status: int) -> str:
+    try:
+        return HTTPStatus(status).phrase
+    except ValueError:
+        return ""
 
 
 def encode_head(method: str, target: str, headers: Iterable[tuple[str, str]]) -> bytes:
