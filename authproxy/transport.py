@@ -25,6 +25,9 @@ from .errors import UpstreamConnectError, UpstreamProtocolError, UpstreamTimeout
 
 _IDEMPOTENT = frozenset({"GET", "HEAD", "OPTIONS", "TRACE", "PUT", "DELETE"})
 _NO_BODY_STATUS = frozenset({204, 304})
+#: The most an upstream may send before its headers end (interim responses
+#: included); more is a 502, never an ever-growing header list.
+MAX_HEAD_BYTES = 1024 * 1024
 # What a WSGI server accepts in a reason phrase (RFC 9112 4: HTAB / SP / VCHAR / obs-text).
 _BAD_REASON = re.compile(r"[^\t\x20-\x7e\x80-\xff]")
 
@@ -145,9 +148,15 @@ class Response:
         return True
 
     def read_head(self) -> None:
+        received = 0
         while not self._headers_done:
-            if not self._feed():
+            if received > MAX_HEAD_BYTES:
+                raise UpstreamProtocolError(f"upstream headers larger than {MAX_HEAD_BYTES} bytes")
+            data = self._sock.recv(self._recv_size)
+            if not data:
                 raise ConnectionResetError("upstream closed the connection before answering")
+            received += len(data)
+            self._parser.feed_data(data)
 
     @property
     def complete(self) -> bool:
