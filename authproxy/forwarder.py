@@ -281,7 +281,7 @@ class Forwarder:
                 data = response.read_all()
             except UpstreamError as exc:
                 log.warning("upstream %s failed mid-body: %s", self.url, exc)
-                return _error(start_response, "502 Bad Gateway")
+                return _error(start_response, exc.status)
             start_response(status, headers)
             return [data]
         start_response(status, headers)

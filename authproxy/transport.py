@@ -191,7 +191,7 @@ class Response:
                 data = recv(remaining if remaining < size else size)
             except OSError as exc:
                 self.close()
-                raise UpstreamProtocolError(f"upstream body failed: {type(exc).__name__}") from exc
+                raise _body_error(exc) from exc
             if not data:
                 self.close()
                 raise UpstreamProtocolError("upstream closed the connection mid-body")
@@ -220,7 +220,7 @@ class Response:
                 raise UpstreamProtocolError(f"malformed body from upstream: {exc}") from exc
             except OSError as exc:
                 self.close()
-                raise UpstreamProtocolError(f"upstream body failed: {type(exc).__name__}") from exc
+                raise _body_error(exc) from exc
             if not more:
                 if self._close_delimited:  # the end of the stream is the end of the body
                     self._complete = True
@@ -335,6 +335,12 @@ def _write(sock: socket.socket, head: bytes, body: Any, chunked: bool) -> None:
     else:
         for chunk in body:
             sock.sendall(chunk)
+
+
+def _body_error(exc: OSError) -> Exception:
+    if isinstance(exc, TimeoutError):
+        return UpstreamTimeout("upstream stalled mid-body")
+    return UpstreamProtocolError(f"upstream body failed: {type(exc).__name__}")
 
 
 def _upstream_error(exc: BaseException) -> BaseException:
