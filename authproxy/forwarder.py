@@ -24,7 +24,7 @@ import urllib3
 from requests.adapters import HTTPAdapter
 from urllib3.exceptions import InsecureRequestWarning
 
-from .errors import ConfigError, UpstreamError, UpstreamProtocolError
+from .errors import ConfigError, UpstreamError
 from .headers import (
     HOP_BY_HOP_NAMES,
     REQUEST_CHUNKED_KEY,
@@ -215,6 +215,10 @@ class Forwarder:
         started = time.perf_counter()
         try:
             response = self._send(method, target, self._headers(environ), body, chunked)
+        except _ClientBodyError:
+            # The client's fault (malformed chunks, a body shorter than its
+            # length): the upstream got no complete request and did nothing wrong.
+            return _error(start_response, "400 Bad Request")
         except UpstreamError as exc:
             # The path only: queries often carry tokens.
             path = target.partition("?")[0]
@@ -358,21 +362,33 @@ def _request_body(environ: WSGIEnvironment, chunk_size: int) -> tuple[Any, bool]
     return None, False
 
 
+class _ClientBodyError(Exception):
+    """The client's request body could not be read to its end."""
+
+
 def _read_exact(stream: Any, remaining: int, chunk_size: int) -> Iterator[bytes]:
     while remaining > 0:
-        data = stream.read(min(remaining, chunk_size))
+        data = _read(stream, min(remaining, chunk_size))
         if not data:
-            raise UpstreamProtocolError("client body ended before its Content-Length")
+            raise _ClientBodyError("client body ended before its Content-Length")
         remaining -= len(data)
         yield data
 
 
 def _read_all(stream: Any, chunk_size: int) -> Iterator[bytes]:
     while True:
-        data = stream.read(chunk_size)
+        data = _read(stream, chunk_size)
         if not data:
             return
         yield data
+
+
+def _read(stream: Any, size: int) -> bytes:
+    try:
+        data: bytes = stream.read(size)
+    except Exception as exc:  # the server's parser: a malformed chunk, a lost client
+        raise _ClientBodyError(type(exc).__name__) from exc
+    return data
 
 
 def _error(start_response: StartResponse, status: str) -> list[bytes]:
