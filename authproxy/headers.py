@@ -82,6 +82,10 @@ def sanitize(environ: dict[str, Any], *, strip_impersonation: bool = True) -> No
     te = environ.get("HTTP_TE")
     if te is not None and "trailers" in connection_tokens(te):
         environ[TE_TRAILERS_KEY] = True
+    # And before Connection can remove it: "Connection: transfer-encoding"
+    # must not turn a chunked body into no body at all.
+    if "HTTP_TRANSFER_ENCODING" in environ:
+        environ[REQUEST_CHUNKED_KEY] = True
     connection = environ.get("HTTP_CONNECTION")
     if connection is not None:
         tokens = connection_tokens(connection)
@@ -93,8 +97,6 @@ def sanitize(environ: dict[str, Any], *, strip_impersonation: bool = True) -> No
             # let Connection delete them.
             if key.startswith("HTTP_"):
                 environ.pop(key, None)
-    if "HTTP_TRANSFER_ENCODING" in environ:
-        environ[REQUEST_CHUNKED_KEY] = True
     for key in HOP_BY_HOP_KEYS:
         if key in environ:
             del environ[key]
