@@ -28,6 +28,7 @@ from .errors import ConfigError, UpstreamError
 from .headers import (
     HOP_BY_HOP_NAMES,
     REQUEST_CHUNKED_KEY,
+    REQUEST_CODINGS_KEY,
     connection_tokens,
     header_name,
     sanitize,
@@ -57,6 +58,7 @@ _GENERIC_BODY = {
     "504 Gateway Timeout": b"Gateway Timeout\n",
     "400 Bad Request": b"Bad Request\n",
     "411 Length Required": b"Length Required\n",
+    "501 Not Implemented": b"Not Implemented\n",
 }
 
 
@@ -210,6 +212,8 @@ class Forwarder:
             return _error(start_response, "400 Bad Request")
         except LookupError:
             return _error(start_response, "411 Length Required")
+        except NotImplementedError:
+            return _error(start_response, "501 Not Implemented")
         method = environ["REQUEST_METHOD"]
         environ[UPSTREAM_URL_KEY] = self.url
         started = time.perf_counter()
@@ -343,9 +347,12 @@ def _is_streaming(headers: list[tuple[str, str]]) -> bool:
 def _request_body(environ: WSGIEnvironment, chunk_size: int) -> tuple[Any, bool]:
     """The body to send upstream and whether to send it chunked.
 
-    Raises ValueError for a malformed Content-Length and LookupError when the
-    body has no length and the server cannot say where it ends.
+    Raises ValueError for a malformed Content-Length, LookupError when the
+    body has no length and the server cannot say where it ends, and
+    NotImplementedError for a transfer coding other than chunked (as Go does).
     """
+    if environ.get(REQUEST_CODINGS_KEY):
+        raise NotImplementedError(environ[REQUEST_CODINGS_KEY])
     stream = environ["wsgi.input"]
     length = environ.get("CONTENT_LENGTH")
     if length:
