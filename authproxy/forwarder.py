@@ -254,6 +254,9 @@ class Forwarder:
             headers["X-Forwarded-Host"] = client_host
         else:
             headers.pop("X-Forwarded-Host", None)
+        # RFC 7239's form of the same claims (host=, proto=, for=): the
+        # client's copy would contradict the X-Forwarded-* set above.
+        headers.pop("Forwarded", None)
         if environ.get("authproxy.te_trailers"):
             headers["Te"] = "trailers"
         return headers
