@@ -47,6 +47,9 @@ UPSTREAM_URL_KEY = "authproxy.upstream_url"
 #: response starts (one write, and an upstream failure is still a clean 502).
 SMALL_BODY = 64 * 1024
 _STREAMING_TYPES = ("text/event-stream",)
+#: Methods never forwarded: an upstream that implements them echoes the request,
+#: injected credential included, back to the client.
+_ECHO_METHODS = frozenset({"TRACE", "TRACK"})
 # Hop-by-hop headers, and the two that every WSGI server writes itself
 # (a second Date or Server would repeat a singleton field).
 _NOT_RELAYED = HOP_BY_HOP_NAMES | {"date", "server"}
@@ -117,6 +120,9 @@ class Forwarder:
     :param pool_size: upstream connections kept open; match the server's threads.
     :param chunk_size: largest piece read from the upstream at once (bounds memory
         per stream; larger pieces mean fewer writes).
+
+    ``TRACE`` (and IIS's ``TRACK``) are answered ``501``, never forwarded: an
+    upstream that implements them would echo the injected credential.
 
     Example::
 
@@ -199,6 +205,8 @@ class Forwarder:
 
     def __call__(self, environ: WSGIEnvironment, start_response: StartResponse) -> Iterable[bytes]:
         sanitize(environ, strip_impersonation=self.strip_impersonation)
+        if environ["REQUEST_METHOD"] in _ECHO_METHODS:
+            return _error(start_response, "501 Not Implemented")
         target = request_target(environ)
         if target is None:
             return _error(start_response, "400 Bad Request")
