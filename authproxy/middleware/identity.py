@@ -71,7 +71,7 @@ class Identity:
         ``X-Auth-Request-User``.
     :param skip_paths: paths that need no identity (``/favicon.ico``, or
         ``/static/*`` for a prefix). A path with dot segments, ``//``, a
-        backslash or an encoded ``/``, ``\\`` or ``.`` never matches. Later steps
+        backslash or an encoded ``/``, ``\\``, ``.`` or ``%`` never matches. Later steps
         still run: a skipped path also gets what they inject.
     :param keys_refresh_interval: seconds between scheduled key refetches.
     :param keys_min_refetch_interval: at least this long between refetches
