@@ -461,6 +461,8 @@ def test_path_tricks_are_forwarded_verbatim_to_the_same_host(stack: Stack, targe
         "/static\\..\\admin",
         "/static/%5c..%5cadmin",
         "/static%2f..%2fadmin",
+        "/static/%252e%252e/admin",
+        "/static/%255c..%255cadmin",
     ],
 )
 def test_path_tricks_never_skip_the_identity_step(stack: Stack, target: str) -> None:
