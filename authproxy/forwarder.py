@@ -143,7 +143,11 @@ class Forwarder:
         pool_size: int = 16,
         chunk_size: int = 256 * 1024,
     ) -> None:
-        parts = urlsplit(url)
+        try:
+            parts = urlsplit(url)
+            port = parts.port
+        except ValueError as exc:
+            raise ConfigError("upstream.url", f"not a valid URL: {url!r} ({exc})") from None
         if parts.scheme not in ("http", "https"):
             raise ConfigError("upstream.url", f"expected an http:// or https:// URL, got {url!r}")
         if not parts.hostname:
@@ -163,7 +167,7 @@ class Forwarder:
         self.chunk_size = chunk_size
         self._base_path = parts.path
         self._base_query = parts.query
-        self._address = (parts.hostname, parts.port or (443 if parts.scheme == "https" else 80))
+        self._address = (parts.hostname, port or (443 if parts.scheme == "https" else 80))
         self._host = parts.netloc
         self._connect_timeout = connect_timeout
         if tls_verify is False and parts.scheme == "https":
