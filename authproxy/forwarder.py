@@ -179,7 +179,11 @@ class Forwarder:
         if client_cert and client_key:
             cert = (client_cert, client_key)
         self.session = self._make_session(tls_verify, cert, pool_size)
-        prepared = requests.Request("GET", f"{parts.scheme}://{parts.netloc}/").prepare()
+        try:
+            prepared = requests.Request("GET", f"{parts.scheme}://{parts.netloc}/").prepare()
+        except ValueError as exc:  # requests' InvalidURL: a host it cannot parse
+            self.session.close()
+            raise ConfigError("upstream.url", f"not a valid URL: {url!r} ({exc})") from None
         adapter = self.session.get_adapter(prepared.url or "")
         assert isinstance(adapter, HTTPAdapter)
         pool = adapter.get_connection_with_tls_context(prepared, tls_verify, cert=cert)
