@@ -6,7 +6,7 @@ from __future__ import annotations
 from collections.abc import Iterable, Mapping
 from typing import TYPE_CHECKING, Any
 
-from werkzeug.http import parse_cookie
+from werkzeug.sansio.http import parse_cookie
 
 from ..context import IDENTITY, refuse
 from ..errors import ConfigError
@@ -225,7 +225,10 @@ class Identity:
                     token = token[7:].strip()
                 return token
         if self.cookie is not None and "HTTP_COOKIE" in environ:
-            return parse_cookie(environ["HTTP_COOKIE"]).get(self.cookie) or None
+            # WSGI text is latin-1; werkzeug's parse_cookie wants UTF-8 and raises
+            # on anything else. A stray byte in some cookie must not be a 500.
+            header = environ["HTTP_COOKIE"].encode("latin-1", "replace").decode("utf-8", "replace")
+            return parse_cookie(cookie=header).get(self.cookie) or None
         return None
 
     def has_keys(self) -> bool:
