@@ -674,3 +674,26 @@ def test_trace_is_not_forwarded_to_an_upstream_that_would_echo_the_token(
         proxy.stop()
         echo.stop()
     assert TOKEN not in proxy.logs()
+
+
+# -- bytes that are not UTF-8 ---------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("in_cookie", [False, True])
+def test_a_cookie_that_is_not_utf8_is_not_a_5xx(stack: Stack, in_cookie: bool) -> None:
+    """Latin-1 bytes in some cookie (set by another app on the domain): the token is still
+    found, in the header or in its own cookie; no token at all is a 401."""
+    junk = "junk=\xff\xfe; "
+    before = len(stack.upstream.seen)
+    if in_cookie:
+        data = stack.request(
+            "GET /cookie HTTP/1.1", "Host: x", f"Cookie: {junk}CF_Authorization={stack.token()}",
+            token=False,
+        )
+    else:
+        data = stack.request("GET /cookie HTTP/1.1", "Host: x", f"Cookie: {junk}")
+    assert exchange(stack, data).status == 200
+    (seen,) = stack.upstream.seen[before:]
+    assert seen.header("X-Auth-Request-Email") == "alice@example.com"
+    anonymous = stack.request("GET /cookie HTTP/1.1", "Host: x", "Cookie: a=\xff", token=False)
+    assert exchange(stack, anonymous).status == 401
