@@ -36,6 +36,7 @@ import time
 from collections.abc import Iterable, Mapping
 
 import requests
+import urllib3
 from jwt import PyJWK
 
 log = logging.getLogger("authproxy.keys")
@@ -234,7 +235,13 @@ class KeyCache:
             while True:
                 # read1 returns what has arrived, so the deadline also bounds
                 # an endpoint that trickles bytes.
-                chunk = response.raw.read1(65536)
+                try:
+                    chunk = response.raw.read1(65536)
+                except (urllib3.exceptions.HTTPError, OSError) as exc:
+                    # Below requests: urllib3's own errors, a stall or a reset mid-body.
+                    if isinstance(exc, (urllib3.exceptions.TimeoutError, TimeoutError)):
+                        raise KeyFetchError(f"timed out after {self.timeout}s") from None
+                    raise KeyFetchError(f"the key set broke off ({type(exc).__name__})") from None
                 if not chunk:
                     break
                 size += len(chunk)
@@ -265,7 +272,12 @@ class KeyCache:
         retry = min(self.refresh_interval, max(self.min_refetch_interval, 1.0))
         delay = self.refresh_interval if self._keys else retry
         while not self._stop.wait(delay):
-            delay = self.refresh_interval if self.refresh() else retry
+            try:
+                ok = self.refresh()
+            except Exception:  # one bad fetch must never end the schedule
+                log.exception("unexpected error fetching keys from %s", self.url)
+                ok = False
+            delay = self.refresh_interval if ok else retry
 
     def _after_fork(self) -> None:
         # Threads and sockets do not survive a fork: make fresh ones, once.
