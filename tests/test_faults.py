@@ -390,10 +390,12 @@ class FaultyKeys(JwksServer):
     page in HTML, as a load balancer sends), ``hs256-only`` (a set holding only
     an HMAC key), ``rsa-as-hs256`` (the RSA key labelled ``alg: HS256``),
     ``with-hs256`` (the real keys plus an HMAC key), ``down`` (hang up without a word;
-    with :meth:`stop`, the endpoint is gone, kept-alive connections included).
+    with :meth:`stop`, the endpoint is gone, kept-alive connections included),
+    ``stall-mid-body`` and ``reset-mid-body`` (half the document, then nothing or a RST).
     """
 
-    EXTRA = ("trickle", "html", "hs256-only", "rsa-as-hs256", "with-hs256", "down")
+    EXTRA = ("trickle", "html", "hs256-only", "rsa-as-hs256", "with-hs256", "down",
+             "stall-mid-body", "reset-mid-body")
     MODES = (*JwksServer.MODES, *EXTRA)
 
     def _handle(self, request: Any) -> None:
@@ -402,6 +404,18 @@ class FaultyKeys(JwksServer):
             with self._lock:
                 self.hits += 1
         if mode == "down":
+            request.close_connection = True
+        elif mode in ("stall-mid-body", "reset-mid-body"):
+            body = json.dumps(certs_document(self.keys)).encode()
+            request.send_response(200)
+            request.send_header("Content-Length", str(len(body)))
+            request.end_headers()
+            request.wfile.write(body[: len(body) // 2])
+            request.wfile.flush()
+            if mode == "stall-mid-body":
+                self._release.wait(5)
+            else:
+                reset(request.connection)
             request.close_connection = True
         elif mode == "trickle":
             body = json.dumps(certs_document(self.keys)).encode()
@@ -471,8 +485,8 @@ def key() -> SigningKey:
     return SigningKey("RSA")
 
 
-@pytest.mark.parametrize("fault", ["down", "stall", "trickle", "garbage", "html", "hs256-only",
-                                   "rsa-as-hs256"])
+@pytest.mark.parametrize("fault", ["down", "stall", "trickle", "stall-mid-body", "reset-mid-body",
+                                   "garbage", "html", "hs256-only", "rsa-as-hs256"])
 def test_no_usable_keys_at_start_refuses_everyone_but_health_answers(
     start_proxy: StartProxy, upstream: Upstream, key: SigningKey, fault: str
 ) -> None:
@@ -503,6 +517,8 @@ KEY_FAULTS = {
     "rsa-as-hs256": "the key set has no",
     "trickle": "timed out",
     "stall": "timed out",
+    "stall-mid-body": "timed out",
+    "reset-mid-body": "broke off",
 }
 
 
