@@ -176,7 +176,7 @@ class Template:
                     return None
                 # WSGI carries header bytes as latin-1 text: send the claim as
                 # UTF-8, as the identity step does ("Đ" would not encode at all).
-                out.append(value.encode("utf-8").decode("latin-1"))
+                out.append(value.encode("utf-8", "surrogatepass").decode("latin-1"))
         return "".join(out)
 
     def describe(self) -> str:

@@ -210,8 +210,9 @@ class Identity:
                 environ, start_response, 403, f"not allowed by policy: {_printable(identity.name)}"
             )
         for key, value in values:
-            # WSGI carries header bytes as latin-1 text: send the claim as UTF-8.
-            environ[key] = value.encode("utf-8").decode("latin-1")
+            # WSGI carries header bytes as latin-1 text: send the claim as UTF-8
+            # (a lone surrogate from a JSON "\ud800" as its own three bytes).
+            environ[key] = value.encode("utf-8", "surrogatepass").decode("latin-1")
         environ[IDENTITY] = identity
         return self.app(environ, start_response)
 
