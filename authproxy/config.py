@@ -131,7 +131,11 @@ def from_mapping(data: Mapping[str, Any], source: str = "<python>") -> Config:
     upstream: UpstreamConfig = sections["upstream"]
     if not upstream.url:
         raise ConfigError("upstream.url", "required: the URL of the app to protect")
-    url = urlsplit(upstream.url)
+    try:
+        url = urlsplit(upstream.url)
+        url.port  # noqa: B018 - raises for a port that is no number or out of range
+    except ValueError as exc:
+        raise ConfigError("upstream.url", f"not a valid URL: {upstream.url!r} ({exc})") from None
     if url.scheme not in ("http", "https") or not url.hostname:
         raise ConfigError(
             "upstream.url", f"expected an http:// or https:// URL with a host, got {upstream.url!r}"

@@ -24,10 +24,11 @@ import urllib3
 from requests.adapters import HTTPAdapter
 from urllib3.exceptions import InsecureRequestWarning
 
-from .errors import ConfigError, UpstreamError, UpstreamProtocolError
+from .errors import ConfigError, UpstreamError
 from .headers import (
     HOP_BY_HOP_NAMES,
     REQUEST_CHUNKED_KEY,
+    REQUEST_CODINGS_KEY,
     UPGRADE_KEY,
     connection_tokens,
     header_name,
@@ -50,6 +51,9 @@ UPSTREAM_URL_KEY = "authproxy.upstream_url"
 SMALL_BODY = 64 * 1024
 #: Always streamed, whatever their length (compared in lower case, parameters ignored).
 _STREAMING_TYPES = ("text/event-stream",)
+#: Methods never forwarded: an upstream that implements them echoes the request,
+#: injected credential included, back to the client.
+_ECHO_METHODS = frozenset({"TRACE", "TRACK"})
 # Hop-by-hop headers, and the two that every WSGI server writes itself
 # (a second Date or Server would repeat a singleton field).
 _NOT_RELAYED = HOP_BY_HOP_NAMES | {"date", "server"}
@@ -61,6 +65,7 @@ _GENERIC_BODY = {
     "504 Gateway Timeout": b"Gateway Timeout\n",
     "400 Bad Request": b"Bad Request\n",
     "411 Length Required": b"Length Required\n",
+    "501 Not Implemented": b"Not Implemented\n",
 }
 
 
@@ -127,6 +132,9 @@ class Forwarder:
     :param websocket_max_lifetime: seconds after which any tunnel is closed;
         0 or None (default): no limit.
 
+    ``TRACE`` (and IIS's ``TRACK``) are answered ``501``, never forwarded: an
+    upstream that implements them would echo the injected credential.
+
     Example::
 
         app = Forwarder("https://dashboard.internal", tls_verify="/etc/ca.pem")
@@ -149,7 +157,11 @@ class Forwarder:
         websocket_idle_timeout: float | None = 3600.0,
         websocket_max_lifetime: float | None = None,
     ) -> None:
-        parts = urlsplit(url)
+        try:
+            parts = urlsplit(url)
+            port = parts.port
+        except ValueError as exc:
+            raise ConfigError("upstream.url", f"not a valid URL: {url!r} ({exc})") from None
         if parts.scheme not in ("http", "https"):
             raise ConfigError("upstream.url", f"expected an http:// or https:// URL, got {url!r}")
         if not parts.hostname:
@@ -177,7 +189,7 @@ class Forwarder:
         self.chunk_size = chunk_size
         self._base_path = parts.path
         self._base_query = parts.query
-        self._address = (parts.hostname, parts.port or (443 if parts.scheme == "https" else 80))
+        self._address = (parts.hostname, port or (443 if parts.scheme == "https" else 80))
         self._host = parts.netloc
         self._connect_timeout = connect_timeout
         if tls_verify is False and parts.scheme == "https":
@@ -189,7 +201,11 @@ class Forwarder:
         if client_cert and client_key:
             cert = (client_cert, client_key)
         self.session = self._make_session(tls_verify, cert, pool_size)
-        prepared = requests.Request("GET", f"{parts.scheme}://{parts.netloc}/").prepare()
+        try:
+            prepared = requests.Request("GET", f"{parts.scheme}://{parts.netloc}/").prepare()
+        except ValueError as exc:  # requests' InvalidURL: a host it cannot parse
+            self.session.close()
+            raise ConfigError("upstream.url", f"not a valid URL: {url!r} ({exc})") from None
         adapter = self.session.get_adapter(prepared.url or "")
         assert isinstance(adapter, HTTPAdapter)
         pool = adapter.get_connection_with_tls_context(prepared, tls_verify, cert=cert)
@@ -230,6 +246,8 @@ class Forwarder:
 
     def __call__(self, environ: WSGIEnvironment, start_response: StartResponse) -> Iterable[bytes]:
         sanitize(environ, strip_impersonation=self.strip_impersonation)
+        if environ["REQUEST_METHOD"] in _ECHO_METHODS:
+            return _error(start_response, "501 Not Implemented")
         target = request_target(environ)
         if target is None:
             return _error(start_response, "400 Bad Request")
@@ -243,6 +261,8 @@ class Forwarder:
             return _error(start_response, "400 Bad Request")
         except LookupError:
             return _error(start_response, "411 Length Required")
+        except NotImplementedError:
+            return _error(start_response, "501 Not Implemented")
         method = environ["REQUEST_METHOD"]
         environ[UPSTREAM_URL_KEY] = self.url
         # An upgrade only means something on an HTTP/1.1 connection; elsewhere
@@ -265,6 +285,10 @@ class Forwarder:
         started = time.perf_counter()
         try:
             response = self._send(method, target, self._headers(environ), body, chunked)
+        except _ClientBodyError:
+            # The client's fault (malformed chunks, a body shorter than its
+            # length): the upstream got no complete request and did nothing wrong.
+            return _error(start_response, "400 Bad Request")
         except UpstreamError as exc:
             # The path only: queries often carry tokens.
             path = target.partition("?")[0]
@@ -296,6 +320,9 @@ class Forwarder:
             headers["X-Forwarded-Host"] = client_host
         else:
             headers.pop("X-Forwarded-Host", None)
+        # RFC 7239's form of the same claims (host=, proto=, for=): the
+        # client's copy would contradict the X-Forwarded-* set above.
+        headers.pop("Forwarded", None)
         if environ.get("authproxy.te_trailers"):
             headers["Te"] = "trailers"
         return headers
@@ -335,7 +362,7 @@ class Forwarder:
                 data = response.read_all()
             except UpstreamError as exc:
                 log.warning("upstream %s failed mid-body: %s", self.url, exc)
-                return _error(start_response, "502 Bad Gateway")
+                return _error(start_response, exc.status)
             start_response(status, headers)
             return [data]
         start_response(status, headers)
@@ -403,9 +430,12 @@ def _is_streaming(headers: list[tuple[str, str]]) -> bool:
 def _request_body(environ: WSGIEnvironment, chunk_size: int) -> tuple[Any, bool]:
     """The body to send upstream and whether to send it chunked.
 
-    Raises ValueError for a malformed Content-Length and LookupError when the
-    body has no length and the server cannot say where it ends.
+    Raises ValueError for a malformed Content-Length, LookupError when the
+    body has no length and the server cannot say where it ends, and
+    NotImplementedError for a transfer coding other than chunked (as Go does).
     """
+    if environ.get(REQUEST_CODINGS_KEY):
+        raise NotImplementedError(environ[REQUEST_CODINGS_KEY])
     stream = environ["wsgi.input"]
     length = environ.get("CONTENT_LENGTH")
     if length:
@@ -422,21 +452,33 @@ def _request_body(environ: WSGIEnvironment, chunk_size: int) -> tuple[Any, bool]
     return None, False
 
 
+class _ClientBodyError(Exception):
+    """The client's request body could not be read to its end."""
+
+
 def _read_exact(stream: Any, remaining: int, chunk_size: int) -> Iterator[bytes]:
     while remaining > 0:
-        data = stream.read(min(remaining, chunk_size))
+        data = _read(stream, min(remaining, chunk_size))
         if not data:
-            raise UpstreamProtocolError("client body ended before its Content-Length")
+            raise _ClientBodyError("client body ended before its Content-Length")
         remaining -= len(data)
         yield data
 
 
 def _read_all(stream: Any, chunk_size: int) -> Iterator[bytes]:
     while True:
-        data = stream.read(chunk_size)
+        data = _read(stream, chunk_size)
         if not data:
             return
         yield data
+
+
+def _read(stream: Any, size: int) -> bytes:
+    try:
+        data: bytes = stream.read(size)
+    except Exception as exc:  # the server's parser: a malformed chunk, a lost client
+        raise _ClientBodyError(type(exc).__name__) from exc
+    return data
 
 
 def _error(start_response: StartResponse, status: str) -> list[bytes]:

@@ -33,6 +33,7 @@ SANITIZED_KEY = "authproxy.sanitized"
 UPGRADE_KEY = "authproxy.upgrade"
 TE_TRAILERS_KEY = "authproxy.te_trailers"
 REQUEST_CHUNKED_KEY = "authproxy.request_chunked"
+REQUEST_CODINGS_KEY = "authproxy.request_codings"
 
 _CTL = frozenset("\r\n\0")
 
@@ -72,7 +73,8 @@ def sanitize(environ: dict[str, Any], *, strip_impersonation: bool = True) -> No
     A request to upgrade (WebSocket) is remembered under ``authproxy.upgrade``
     and ``Te: trailers`` under ``authproxy.te_trailers``, as Go's reverse proxy
     does, before the headers go; a body sent with ``Transfer-Encoding`` is
-    marked under ``authproxy.request_chunked``.
+    marked under ``authproxy.request_chunked``, and codings other than a
+    lone ``chunked`` are kept under ``authproxy.request_codings``.
     """
     if SANITIZED_KEY in environ:
         return
@@ -82,6 +84,14 @@ def sanitize(environ: dict[str, Any], *, strip_impersonation: bool = True) -> No
     te = environ.get("HTTP_TE")
     if te is not None and "trailers" in connection_tokens(te):
         environ[TE_TRAILERS_KEY] = True
+    # And before Connection can remove it: "Connection: transfer-encoding"
+    # must not turn a chunked body into no body at all.
+    codings = environ.get("HTTP_TRANSFER_ENCODING")
+    if codings is not None:
+        environ[REQUEST_CHUNKED_KEY] = True
+        if connection_tokens(codings) != ["chunked"]:
+            # gunicorn takes "gzip, chunked" and passes the body on still gzipped.
+            environ[REQUEST_CODINGS_KEY] = codings
     connection = environ.get("HTTP_CONNECTION")
     if connection is not None:
         tokens = connection_tokens(connection)
@@ -93,8 +103,6 @@ def sanitize(environ: dict[str, Any], *, strip_impersonation: bool = True) -> No
             # let Connection delete them.
             if key.startswith("HTTP_"):
                 environ.pop(key, None)
-    if "HTTP_TRANSFER_ENCODING" in environ:
-        environ[REQUEST_CHUNKED_KEY] = True
     for key in HOP_BY_HOP_KEYS:
         if key in environ:
             del environ[key]

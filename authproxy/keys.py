@@ -16,9 +16,10 @@ A :class:`KeyCache` holds the public keys published at one JWKS URL, by ``kid``.
 Both formats are read: a plain JWKS (``{"keys": [...]}``) and Cloudflare
 Access's certs document, which adds ``public_cert`` and ``public_certs`` (the
 same keys as X.509 certificates) next to ``keys``; the JWKS part is used.
-Keys are parsed by PyJWT (:class:`jwt.PyJWKSet`); a key is kept only if it is
-for signing and its algorithm is both asymmetric and in the allow-list given,
-so an ``oct`` (HMAC) key published by mistake can never verify anything.
+Keys are parsed by PyJWT (:class:`jwt.PyJWK`), one by one; a key is kept only if
+it parses, is for signing and its algorithm is both asymmetric and in the
+allow-list given, so an ``oct`` (HMAC) key published by mistake can never
+verify anything and a malformed key does not take the good ones with it.
 
 One cache per process, shared by every thread. After a fork the child starts
 its own refresh thread and HTTP session on first use.
@@ -35,8 +36,8 @@ import time
 from collections.abc import Iterable, Mapping
 
 import requests
-from jwt import PyJWK, PyJWKSet
-from jwt.exceptions import PyJWTError
+import urllib3
+from jwt import PyJWK
 
 log = logging.getLogger("authproxy.keys")
 
@@ -66,12 +67,15 @@ def parse_key_set(data: bytes, algorithms: Iterable[str]) -> dict[str, PyJWK]:
         raise KeyFetchError("the key set is not JSON") from None
     if not isinstance(document, Mapping) or not isinstance(document.get("keys"), list):
         raise KeyFetchError('the key set has no "keys" list')
-    try:
-        key_set = PyJWKSet(document["keys"])
-    except PyJWTError as exc:
-        raise KeyFetchError(f"the key set has no usable key ({type(exc).__name__})") from None
     keys: dict[str, PyJWK] = {}
-    for key in key_set:
+    for entry in document["keys"]:
+        # Key by key: one malformed key must not take the good ones with it, and
+        # PyJWT raises more than PyJWTError on some (KeyError for an "oct" key
+        # without "k", TypeError for a number where a string belongs...).
+        try:
+            key = PyJWK(entry)
+        except Exception:
+            continue
         kid = key.key_id
         if key.public_key_use not in (None, "sig") or key.algorithm_name not in allowed:
             continue
@@ -231,7 +235,13 @@ class KeyCache:
             while True:
                 # read1 returns what has arrived, so the deadline also bounds
                 # an endpoint that trickles bytes.
-                chunk = response.raw.read1(65536)
+                try:
+                    chunk = response.raw.read1(65536)
+                except (urllib3.exceptions.HTTPError, OSError) as exc:
+                    # Below requests: urllib3's own errors, a stall or a reset mid-body.
+                    if isinstance(exc, (urllib3.exceptions.TimeoutError, TimeoutError)):
+                        raise KeyFetchError(f"timed out after {self.timeout}s") from None
+                    raise KeyFetchError(f"the key set broke off ({type(exc).__name__})") from None
                 if not chunk:
                     break
                 size += len(chunk)
@@ -262,7 +272,12 @@ class KeyCache:
         retry = min(self.refresh_interval, max(self.min_refetch_interval, 1.0))
         delay = self.refresh_interval if self._keys else retry
         while not self._stop.wait(delay):
-            delay = self.refresh_interval if self.refresh() else retry
+            try:
+                ok = self.refresh()
+            except Exception:  # one bad fetch must never end the schedule
+                log.exception("unexpected error fetching keys from %s", self.url)
+                ok = False
+            delay = self.refresh_interval if ok else retry
 
     def _after_fork(self) -> None:
         # Threads and sockets do not survive a fork: make fresh ones, once.

@@ -66,7 +66,8 @@ class Policy:
 class SkipPaths:
     """Exact paths and ``prefix/*`` patterns that pass without an identity."""
 
-    _SUSPICIOUS = ("%2f", "%5c", "%2e", "\\", "//")
+    # "%25" too: a double-encoded "%2e%2e" is ".." to an upstream that decodes twice.
+    _SUSPICIOUS = ("%2f", "%5c", "%2e", "%25", "\\", "//")
 
     def __init__(self, patterns: list[str] | None) -> None:
         exact, prefixes = set(), []

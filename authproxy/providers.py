@@ -157,7 +157,11 @@ def _is_host(value: Any) -> bool:
     )
 
 def _check_url(url: str, key: str) -> str:
-    parts = urlsplit(url)
+    try:
+        parts = urlsplit(url)
+        parts.port  # noqa: B018 - raises for a port that is no number or out of range
+    except ValueError as exc:
+        raise ConfigError(key, f"not a valid URL: {url!r} ({exc})") from None
     if parts.scheme == "https" and parts.hostname:
         return url
     if parts.scheme == "http" and parts.hostname and _is_loopback(parts.hostname):

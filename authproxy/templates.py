@@ -174,7 +174,9 @@ class Template:
                 value = identity_value(environ.get(IDENTITY), part[1])
                 if value is None:
                     return None
-                out.append(value)
+                # WSGI carries header bytes as latin-1 text: send the claim as
+                # UTF-8, as the identity step does ("Đ" would not encode at all).
+                out.append(value.encode("utf-8", "surrogatepass").decode("latin-1"))
         return "".join(out)
 
     def describe(self) -> str:

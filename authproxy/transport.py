@@ -13,8 +13,10 @@ and both sides agreed to keep it alive.
 
 from __future__ import annotations
 
+import re
 import socket
 from collections.abc import Callable, Iterable, Iterator
+from http import HTTPStatus
 from typing import Any
 
 import httptools
@@ -23,6 +25,11 @@ from .errors import UpstreamConnectError, UpstreamProtocolError, UpstreamTimeout
 
 _IDEMPOTENT = frozenset({"GET", "HEAD", "OPTIONS", "TRACE", "PUT", "DELETE"})
 _NO_BODY_STATUS = frozenset({204, 304})
+#: The most an upstream may send before its headers end (interim responses
+#: included); more is a 502, never an ever-growing header list.
+MAX_HEAD_BYTES = 1024 * 1024
+# What a WSGI server accepts in a reason phrase (RFC 9112 4: HTAB / SP / VCHAR / obs-text).
+_BAD_REASON = re.compile(r"[^\t\x20-\x7e\x80-\xff]")
 
 
 class Response:
@@ -93,6 +100,12 @@ class Response:
             self.headers = []
             self.reason = ""
             return
+        if status < 100:
+            raise UpstreamProtocolError(f"status {status} from upstream")
+        if _BAD_REASON.search(self.reason):
+            # Control characters in the reason phrase: the server would refuse
+            # the status line; the code is what matters, use its usual phrase.
+            self.reason = _phrase(status)
         self.status = status
         self._headers_done = True
         lengths: set[str] = set()
@@ -137,13 +150,16 @@ class Response:
         data = self._sock.recv(self._recv_size)
         if not data:
             return False
+        self._parse(data)
+        return True
+
+    def _parse(self, data: bytes) -> None:
         try:
             self._parser.feed_data(data)
         except httptools.HttpParserUpgrade as upgrade:
             # A 101: the rest of the stream is the new protocol's, not HTTP.
             self.upgraded = data[upgrade.args[0] :]
             self._complete = True
-        return True
 
     @property
     def sock(self) -> socket.socket:
@@ -161,9 +177,15 @@ class Response:
         return bool(pending is not None and pending() > 0)
 
     def read_head(self) -> None:
+        received = 0
         while not self._headers_done:
-            if not self._feed():
+            if received > MAX_HEAD_BYTES:
+                raise UpstreamProtocolError(f"upstream headers larger than {MAX_HEAD_BYTES} bytes")
+            data = self._sock.recv(self._recv_size)
+            if not data:
                 raise ConnectionResetError("upstream closed the connection before answering")
+            received += len(data)
+            self._parse(data)
 
     @property
     def complete(self) -> bool:
@@ -200,7 +222,7 @@ class Response:
                 data = recv(remaining if remaining < size else size)
             except OSError as exc:
                 self.close()
-                raise UpstreamProtocolError(f"upstream body failed: {type(exc).__name__}") from exc
+                raise _body_error(exc) from exc
             if not data:
                 self.close()
                 raise UpstreamProtocolError("upstream closed the connection mid-body")
@@ -231,7 +253,7 @@ class Response:
                 raise UpstreamProtocolError(f"malformed body from upstream: {exc}") from exc
             except OSError as exc:
                 self.close()
-                raise UpstreamProtocolError(f"upstream body failed: {type(exc).__name__}") from exc
+                raise _body_error(exc) from exc
             if not more:
                 if self._close_delimited:  # the end of the stream is the end of the body
                     self._complete = True
@@ -258,6 +280,13 @@ class Response:
         if not self._complete:
             self._conn.close()
         self.release()
+
+
+def _phrase(status: int) -> str:
+    try:
+        return HTTPStatus(status).phrase
+    except ValueError:
+        return ""
 
 
 def encode_head(method: str, target: str, headers: Iterable[tuple[str, str]]) -> bytes:
@@ -373,6 +402,12 @@ def _write(sock: socket.socket, head: bytes, body: Any, chunked: bool) -> None:
     else:
         for chunk in body:
             sock.sendall(chunk)
+
+
+def _body_error(exc: OSError) -> Exception:
+    if isinstance(exc, TimeoutError):
+        return UpstreamTimeout("upstream stalled mid-body")
+    return UpstreamProtocolError(f"upstream body failed: {type(exc).__name__}")
 
 
 def _upstream_error(exc: BaseException) -> BaseException:

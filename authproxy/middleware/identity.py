@@ -6,7 +6,7 @@ from __future__ import annotations
 from collections.abc import Iterable, Mapping
 from typing import TYPE_CHECKING, Any
 
-from werkzeug.http import parse_cookie
+from werkzeug.sansio.http import parse_cookie
 
 from ..context import IDENTITY, refuse
 from ..errors import ConfigError
@@ -71,7 +71,7 @@ class Identity:
         ``X-Auth-Request-User``.
     :param skip_paths: paths that need no identity (``/favicon.ico``, or
         ``/static/*`` for a prefix). A path with dot segments, ``//``, a
-        backslash or an encoded ``/``, ``\\`` or ``.`` never matches. Later steps
+        backslash or an encoded ``/``, ``\\``, ``.`` or ``%`` never matches. Later steps
         still run: a skipped path also gets what they inject.
     :param keys_refresh_interval: seconds between scheduled key refetches.
     :param keys_min_refetch_interval: at least this long between refetches
@@ -210,8 +210,9 @@ class Identity:
                 environ, start_response, 403, f"not allowed by policy: {_printable(identity.name)}"
             )
         for key, value in values:
-            # WSGI carries header bytes as latin-1 text: send the claim as UTF-8.
-            environ[key] = value.encode("utf-8").decode("latin-1")
+            # WSGI carries header bytes as latin-1 text: send the claim as UTF-8
+            # (a lone surrogate from a JSON "\ud800" as its own three bytes).
+            environ[key] = value.encode("utf-8", "surrogatepass").decode("latin-1")
         environ[IDENTITY] = identity
         return self.app(environ, start_response)
 
@@ -225,7 +226,10 @@ class Identity:
                     token = token[7:].strip()
                 return token
         if self.cookie is not None and "HTTP_COOKIE" in environ:
-            return parse_cookie(environ["HTTP_COOKIE"]).get(self.cookie) or None
+            # WSGI text is latin-1; werkzeug's parse_cookie wants UTF-8 and raises
+            # on anything else. A stray byte in some cookie must not be a 500.
+            header = environ["HTTP_COOKIE"].encode("latin-1", "replace").decode("utf-8", "replace")
+            return parse_cookie(cookie=header).get(self.cookie) or None
         return None
 
     def has_keys(self) -> bool:
