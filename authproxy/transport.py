@@ -320,32 +320,15 @@ class Transport:
         body: Iterable[bytes] | bytes | None,
         chunked: bool,
     ) -> Response:
-        if chunked:
-            headers = [*headers, ("Transfer-Encoding", "chunked")]
-        head = encode_head(method, target, headers)
+        """Send a request on a pooled connection and read the response head."""
+        head = _head(method, target, headers, chunked)
         pool = self.pool
         for attempt in (0, 1):
             conn = pool._get_conn()
             reused = conn.sock is not None
-            response = None
             try:
-                if not reused:
-                    conn.timeout = self.connect_timeout
-                    conn.connect()
-                conn.sock.settimeout(self.read_timeout)
-                response = Response(conn, pool, method == "HEAD", self.recv_size)
-                _write(conn.sock, head, body, chunked)
-                response.read_head()
-                if response.status == 101:
-                    # Only an upgrade request (see send_unpooled) may switch protocols.
-                    raise UpstreamProtocolError("upstream switched protocols unasked")
-                return response
+                response = self._exchange(conn, pool, method, head, body, chunked)
             except BaseException as exc:
-                conn.close()
-                if response is not None:
-                    response.release()
-                else:
-                    pool._put_conn(conn)
                 # A kept-alive connection that turned out dead before anything
                 # was answered: send once more on a fresh one, when it is safe.
                 if (
@@ -353,12 +336,16 @@ class Transport:
                     and reused
                     and body is None
                     and method in _IDEMPOTENT
-                    and isinstance(exc, ConnectionError)
+                    and isinstance(exc.__cause__, ConnectionError)
                 ):
                     continue
-                raise _upstream_error(exc) from exc
+                raise
+            if response.status == 101:
+                # Only an upgrade request (see send_unpooled) may switch protocols.
+                response.close()
+                raise UpstreamProtocolError("upstream switched protocols unasked")
+            return response
         raise AssertionError("unreachable")
-
 
     def send_unpooled(
         self,
@@ -372,21 +359,40 @@ class Transport:
 
         The caller closes ``response.connection`` when done with it.
         """
-        if chunked:
-            headers = [*headers, ("Transfer-Encoding", "chunked")]
-        head = encode_head(method, target, headers)
-        conn = self.pool._new_conn()
+        head = _head(method, target, headers, chunked)
+        return self._exchange(self.pool._new_conn(), None, method, head, body, chunked)
+
+    def _exchange(
+        self, conn: Any, pool: Any, method: str, head: bytes, body: Any, chunked: bool
+    ) -> Response:
+        """Write the request on *conn* and read the response head; on any failure
+        the connection is closed (and given back to *pool*) and an upstream error raised."""
+        response = None
         try:
-            conn.timeout = self.connect_timeout
-            conn.connect()
+            if conn.sock is None:
+                conn.timeout = self.connect_timeout
+                conn.connect()
             conn.sock.settimeout(self.read_timeout)
-            response = Response(conn, None, method == "HEAD", self.recv_size)
+            response = Response(conn, pool, method == "HEAD", self.recv_size)
             _write(conn.sock, head, body, chunked)
             response.read_head()
             return response
         except BaseException as exc:
             conn.close()
-            raise _upstream_error(exc) from exc
+            if response is not None:
+                response.release()
+            elif pool is not None:
+                pool._put_conn(conn)
+            error = _upstream_error(exc)
+            if error is exc:
+                raise
+            raise error from exc
+
+
+def _head(method: str, target: str, headers: Iterable[tuple[str, str]], chunked: bool) -> bytes:
+    if chunked:
+        headers = [*headers, ("Transfer-Encoding", "chunked")]
+    return encode_head(method, target, headers)
 
 
 def _write(sock: socket.socket, head: bytes, body: Any, chunked: bool) -> None:
