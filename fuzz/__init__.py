@@ -1,0 +1,1 @@
+"""Fuzz targets (atheris) for the parts that read untrusted or hand-written input."""

@@ -1,0 +1,23 @@
+"""The atheris entry point of :mod:`fuzz.config_target` (only what is imported here is
+instrumented, which keeps start-up to seconds).
+
+    python -m fuzz.fuzz_config -max_total_time=30 CORPUS_DIR fuzz/seeds/config
+"""
+
+from __future__ import annotations
+
+import sys
+
+import atheris
+
+with atheris.instrument_imports(include=["authproxy", "jwt", "tomllib", "werkzeug", "fuzz"]):
+    from fuzz.config_target import check
+
+
+def main() -> None:
+    atheris.Setup(sys.argv, check)
+    atheris.Fuzz()
+
+
+if __name__ == "__main__":
+    main()
