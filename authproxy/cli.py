@@ -57,8 +57,11 @@ def describe(config: Config, pipeline: Any) -> str:
 def _load(args: argparse.Namespace) -> Config:
     config = load_config(args.config)
     if getattr(args, "listen", None):
-        config = config.replace(server=config.server.__class__(
-            **{**config.server.__dict__, "listen": listen_from_go(args.listen)}))
+        config = config.replace(
+            server=config.server.__class__(
+                **{**config.server.__dict__, "listen": listen_from_go(args.listen)}
+            )
+        )
     return config
 
 

@@ -298,9 +298,7 @@ class Forwarder:
         return self._relay(method, response, start_response, environ)
 
     def _headers(self, environ: WSGIEnvironment) -> dict[str, str]:
-        headers = {
-            header_name(key): value for key, value in environ.items() if key[:5] == "HTTP_"
-        }
+        headers = {header_name(key): value for key, value in environ.items() if key[:5] == "HTTP_"}
         if environ.get("CONTENT_TYPE"):
             headers["Content-Type"] = environ["CONTENT_TYPE"]
         if environ.get("CONTENT_LENGTH"):

@@ -212,11 +212,16 @@ class KeyCache:
         # The first failure of a run is a warning, repeats are debug noise.
         level = logging.DEBUG if self._failing else logging.WARNING
         if self._keys:
-            log.log(level, "cannot fetch keys from %s: %s; keeping the last good set",
-                    self.url, why)
+            log.log(
+                level, "cannot fetch keys from %s: %s; keeping the last good set", self.url, why
+            )
         else:
-            log.log(level, "cannot fetch keys from %s: %s; no keys, refusing every request",
-                    self.url, why)
+            log.log(
+                level,
+                "cannot fetch keys from %s: %s; no keys, refusing every request",
+                self.url,
+                why,
+            )
         self._failing = True
 
     def _download(self) -> bytes:
@@ -261,9 +266,7 @@ class KeyCache:
     # -- background refresh -------------------------------------------------
 
     def _start_thread(self) -> None:
-        self._thread = threading.Thread(
-            target=self._run, name="authproxy-keys", daemon=True
-        )
+        self._thread = threading.Thread(target=self._run, name="authproxy-keys", daemon=True)
         self._thread.start()
 
     def _run(self) -> None:

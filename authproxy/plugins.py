@@ -212,9 +212,7 @@ def check(factory: Factory, values: Mapping[str, Any], where: str) -> None:
                 f"unknown option (value {_shown(key, value)}); {hint}this step takes: {known}",
             )
         if not conforms(value, option.hint):
-            raise PluginError(
-                f"{where}.{key}", f"expected {option.type}, got {_shown(key, value)}"
-            )
+            raise PluginError(f"{where}.{key}", f"expected {option.type}, got {_shown(key, value)}")
     for option in declared:
         if option.required and option.name not in values:
             raise PluginError(

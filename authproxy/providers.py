@@ -128,6 +128,7 @@ def _audience(audience: Any) -> list[str]:
         raise ConfigError("audience", "required: the audience tag (or tags) tokens must carry")
     return string_list(tags, "audience")
 
+
 def _algorithms(algorithms: list[str] | None, default: tuple[str, ...]) -> tuple[str, ...]:
     if algorithms is None:
         return default
@@ -141,12 +142,14 @@ def _algorithms(algorithms: list[str] | None, default: tuple[str, ...]) -> tuple
         )
     return tuple(chosen)
 
+
 def _fill(template: str | None, team_domain: str | None, key: str) -> str:
     if template is None:
         raise ConfigError(key, "required for this provider")
     if "{team_domain}" in template and team_domain is None:
         raise ConfigError("team_domain", f"required to derive {key} (or set {key})")
     return template.format(team_domain=team_domain)
+
 
 def _is_host(value: Any) -> bool:
     return (
@@ -155,6 +158,7 @@ def _is_host(value: Any) -> bool:
         and all(c.isalnum() or c in ".-:" for c in value)
         and not value.startswith(("-", "."))
     )
+
 
 def _check_url(url: str, key: str) -> str:
     try:
@@ -167,6 +171,7 @@ def _check_url(url: str, key: str) -> str:
     if parts.scheme == "http" and parts.hostname and _is_loopback(parts.hostname):
         return url
     raise ConfigError(key, f"expected an https:// URL (http:// only for loopback), got {url!r}")
+
 
 def _is_loopback(host: str) -> bool:
     if host == "localhost":

@@ -119,9 +119,7 @@ class Tunnel:
         headers = {**headers, "Connection": "Upgrade", "Upgrade": upgrade}
         started = time.perf_counter()
         try:
-            response = self.transport.send_unpooled(
-                method, target, headers.items(), body, chunked
-            )
+            response = self.transport.send_unpooled(method, target, headers.items(), body, chunked)
         except UpstreamError as exc:
             log.warning(
                 "upstream %s failed: upgrade %s %s: %s",

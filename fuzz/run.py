@@ -31,7 +31,9 @@ def run_target(target: str, seconds: int, workdir: Path) -> tuple[bool, str]:
     corpus.mkdir(parents=True, exist_ok=True)
     crashes.mkdir(parents=True, exist_ok=True)
     command = [
-        sys.executable, "-m", f"fuzz.fuzz_{target}",
+        sys.executable,
+        "-m",
+        f"fuzz.fuzz_{target}",
         f"-max_total_time={seconds}",
         "-timeout=20",  # seconds for one input
         "-rss_limit_mb=2048",
@@ -44,11 +46,16 @@ def run_target(target: str, seconds: int, workdir: Path) -> tuple[bool, str]:
     command += [str(corpus), str(HERE / "seeds" / target)]
     env = {**os.environ, "PYTHONPATH": str(ROOT)}
     result = subprocess.run(
-        command, cwd=ROOT, env=env, capture_output=True, text=True,
+        command,
+        cwd=ROOT,
+        env=env,
+        capture_output=True,
+        text=True,
         timeout=seconds + 120,  # instrumenting takes a while; a hang is a failure too
     )
     output = "\n".join(
-        line for line in (result.stdout + result.stderr).splitlines()
+        line
+        for line in (result.stdout + result.stderr).splitlines()
         if not line.startswith("INFO: Instrumenting")
     )
     found = sorted(p.name for p in crashes.iterdir())

@@ -47,8 +47,13 @@ def step_cost(jwks: JwksServer, key: SigningKey, token: str) -> None:
         assert status.startswith("200"), status
 
     for label, size, n in (("cache off (verify)", 0, 2000), ("cache hit", 4096, 50000)):
-        identity = Identity(app, team_domain=TEAM_DOMAIN, audience=AUDIENCE,
-                            certs_url=jwks.url, token_cache_size=size)
+        identity = Identity(
+            app,
+            team_domain=TEAM_DOMAIN,
+            audience=AUDIENCE,
+            certs_url=jwks.url,
+            token_cache_size=size,
+        )
         environ = {"REQUEST_METHOD": "GET", "PATH_INFO": "/", "HTTP_CF_ACCESS_JWT_ASSERTION": token}
         best = float("inf")
         for _ in range(5):
@@ -67,13 +72,15 @@ def throughput(jwks: JwksServer, token: str, seconds: int, rounds: int) -> None:
         return
     work = Path(tempfile.mkdtemp(prefix="authproxy-bench-"))
     up_port = free_port()
-    (work / "nginx.conf").write_text(textwrap.dedent(f"""
+    (work / "nginx.conf").write_text(
+        textwrap.dedent(f"""
         worker_processes 1; pid {work}/nginx.pid; error_log {work}/error.log; daemon off;
         events {{ worker_connections 1024; }}
         http {{ access_log off; client_body_temp_path {work}; proxy_temp_path {work};
           fastcgi_temp_path {work}; uwsgi_temp_path {work}; scgi_temp_path {work};
-          server {{ listen 127.0.0.1:{up_port}; location / {{ return 200 "{'x' * 100}"; }} }} }}
-    """))
+          server {{ listen 127.0.0.1:{up_port}; location / {{ return 200 "{"x" * 100}"; }} }} }}
+    """)
+    )
     nginx = subprocess.Popen(["nginx", "-c", str(work / "nginx.conf"), "-p", str(work)])
     results: dict[str, list[float]] = {"off": [], "on": []}
     try:
@@ -86,37 +93,54 @@ def throughput(jwks: JwksServer, token: str, seconds: int, rounds: int) -> None:
         nginx.terminate()
         nginx.wait(10)
     off, on = max(results["off"]), max(results["on"])
-    print(f"best of {rounds}: identity off {off:.0f} req/s, on {on:.0f} req/s "
-          f"({100 * (on / off - 1):+.1f}%)")
+    print(
+        f"best of {rounds}: identity off {off:.0f} req/s, on {on:.0f} req/s "
+        f"({100 * (on / off - 1):+.1f}%)"
+    )
 
 
-def _one_run(work: Path, up_port: int, jwks: JwksServer, token: str, mode: str,
-             seconds: int) -> float:
+def _one_run(
+    work: Path, up_port: int, jwks: JwksServer, token: str, mode: str, seconds: int
+) -> float:
     port = free_port()
     pipeline: list[dict[str, Any]] = [{"use": "access-log", "format": "json"}]
     if mode == "on":
-        pipeline.append({"use": "identity", "team_domain": TEAM_DOMAIN,
-                         "audience": [AUDIENCE], "certs_url": jwks.url})
+        pipeline.append(
+            {
+                "use": "identity",
+                "team_domain": TEAM_DOMAIN,
+                "audience": [AUDIENCE],
+                "certs_url": jwks.url,
+            }
+        )
     pipeline.append({"use": "inject-headers", "set": {"Authorization": f"Bearer {TOKEN}"}})
-    config = write_toml(work / f"{mode}.toml", {
-        "server": {"listen": f"127.0.0.1:{port}", "workers": 2, "threads": 16},
-        "upstream": {"url": f"http://127.0.0.1:{up_port}"},
-        "pipeline": pipeline,
-    })
+    config = write_toml(
+        work / f"{mode}.toml",
+        {
+            "server": {"listen": f"127.0.0.1:{port}", "workers": 2, "threads": 16},
+            "upstream": {"url": f"http://127.0.0.1:{up_port}"},
+            "pipeline": pipeline,
+        },
+    )
     with open(work / f"{mode}.log", "wb") as log:
         proxy = subprocess.Popen(
             [sys.executable, "-m", "authproxy.cli", "serve", "--config", str(config)],
-            stdout=log, stderr=subprocess.STDOUT, cwd=work,
+            stdout=log,
+            stderr=subprocess.STDOUT,
+            cwd=work,
         )
     try:
         wait_for_port(port)
         url = f"http://127.0.0.1:{port}/small"
-        subprocess.run(["curl", "-sf", "-o", "/dev/null", "-H", f"{HEADER}: {token}", url],
-                       check=True)
+        subprocess.run(
+            ["curl", "-sf", "-o", "/dev/null", "-H", f"{HEADER}: {token}", url], check=True
+        )
         cpu_before = _cpu_seconds(proxy.pid)
         out = subprocess.run(
             ["wrk", "-t2", "-c32", f"-d{seconds}s", "-H", f"{HEADER}: {token}", url],
-            capture_output=True, text=True, check=True,
+            capture_output=True,
+            text=True,
+            check=True,
         ).stdout
         cpu = _cpu_seconds(proxy.pid) - cpu_before
         if "Non-2xx" in out:
@@ -124,8 +148,11 @@ def _one_run(work: Path, up_port: int, jwks: JwksServer, token: str, mode: str,
         rps = re.search(r"Requests/sec:\s+([\d.]+)", out)
         total = re.search(r"(\d+) requests in", out)
         assert rps and total, out
-        print(f"  worker CPU per request with identity {mode}: "
-              f"{cpu / int(total.group(1)) * 1e6:.0f} us", flush=True)
+        print(
+            f"  worker CPU per request with identity {mode}: "
+            f"{cpu / int(total.group(1)) * 1e6:.0f} us",
+            flush=True,
+        )
         return float(rps.group(1))
     finally:
         proxy.terminate()

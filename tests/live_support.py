@@ -192,8 +192,9 @@ class LiveUpstream:
         if args.get("close"):
             sock: socket.socket = environ["werkzeug.socket"]
             sock.sendall(
-                f"HTTP/1.1 200 OK\r\nContent-Type: {content_type}\r\nConnection: close\r\n\r\n"
-                .encode()
+                (
+                    f"HTTP/1.1 200 OK\r\nContent-Type: {content_type}\r\nConnection: close\r\n\r\n"
+                ).encode()
                 + prelude
                 + first.encode()
             )
@@ -306,7 +307,11 @@ class LiveUpstream:
 
     def start(self) -> LiveUpstream:
         self.server = make_server(
-            "127.0.0.1", 0, self.app, threaded=True, request_handler=_QuietHandler,
+            "127.0.0.1",
+            0,
+            self.app,
+            threaded=True,
+            request_handler=_QuietHandler,
             ssl_context=self.tls,
         )
         self.server.daemon_threads = True

@@ -117,9 +117,7 @@ class ScriptedUpstream:
         self.stop()
 
 
-def _read_request(
-    conn: socket.socket, buffer: bytes, number: int
-) -> tuple[Request | None, bytes]:
+def _read_request(conn: socket.socket, buffer: bytes, number: int) -> tuple[Request | None, bytes]:
     while b"\r\n\r\n" not in buffer:
         data = conn.recv(65536)
         if not data:

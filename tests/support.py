@@ -163,13 +163,17 @@ class Upstream:
             digest.update(chunk)
             total += len(chunk)
         headers = [
-            (k[5:].replace("_", "-").title(), v) for k, v in environ.items() if k.startswith("HTTP_")
+            (k[5:].replace("_", "-").title(), v)
+            for k, v in environ.items()
+            if k.startswith("HTTP_")
         ]
         for key in ("CONTENT_TYPE", "CONTENT_LENGTH"):
             if environ.get(key):
                 headers.append((key.replace("_", "-").title(), environ[key]))
         target = environ.get("test.raw_target") or environ["PATH_INFO"]
-        self.seen.append(Seen(environ["REQUEST_METHOD"], target, headers, digest.hexdigest(), total))
+        self.seen.append(
+            Seen(environ["REQUEST_METHOD"], target, headers, digest.hexdigest(), total)
+        )
         path = environ["PATH_INFO"]
         query = environ.get("QUERY_STRING", "")
         return self._answer(path, query, start_response)
@@ -187,12 +191,20 @@ class Upstream:
             start_response("200 OK", headers)
             return _pattern(n)
         if path == "/cookies":
-            start_response("200 OK", [("Set-Cookie", "a=1; Path=/"), ("Set-Cookie", "b=2, c=3"),
-                                      ("Content-Length", "2")])
+            start_response(
+                "200 OK",
+                [
+                    ("Set-Cookie", "a=1; Path=/"),
+                    ("Set-Cookie", "b=2, c=3"),
+                    ("Content-Length", "2"),
+                ],
+            )
             return [b"ok"]
         if path == "/gzip":
             data = gzip.compress(b"hello " * 1000)
-            start_response("200 OK", [("Content-Encoding", "gzip"), ("Content-Length", str(len(data)))])
+            start_response(
+                "200 OK", [("Content-Encoding", "gzip"), ("Content-Length", str(len(data)))]
+            )
             return [data]
         if path == "/redirect":
             start_response("302 Found", [("Location", "/elsewhere"), ("Content-Length", "9")])
@@ -205,14 +217,18 @@ class Upstream:
             start_response("200 OK", [("Content-Length", "1000000")])
             return _truncated()
         if path == "/sse":
-            start_response("200 OK", [("Content-Type", "text/event-stream"), ("Cache-Control", "no-cache")])
+            start_response(
+                "200 OK", [("Content-Type", "text/event-stream"), ("Cache-Control", "no-cache")]
+            )
             return _events()
         if path == "/endless":
             start_response("200 OK", [("Content-Type", "application/octet-stream")])
             return self._endless()
         if path == "/gzip-big":
-            start_response("200 OK", [("Content-Encoding", "gzip"),
-                                      ("Content-Type", "application/octet-stream")])
+            start_response(
+                "200 OK",
+                [("Content-Encoding", "gzip"), ("Content-Type", "application/octet-stream")],
+            )
             data = gzip_big()
             return [data[i : i + 50_000] for i in range(0, len(data), 50_000)]
         if path == "/truncate-chunked":
@@ -222,15 +238,26 @@ class Upstream:
             start_response("200 OK", [("Content-Length", "10000")])
             return _truncated(100)
         if path == "/set-cookie":
-            start_response("200 OK", [("Set-Cookie", f"{query or 'session=abc'}; Path=/"),
-                                      ("Content-Length", "2")])
+            start_response(
+                "200 OK",
+                [("Set-Cookie", f"{query or 'session=abc'}; Path=/"), ("Content-Length", "2")],
+            )
             return [b"ok"]
         if path == "/hop":
-            start_response("200 OK", [("Connection", "X-Secret-Hop"), ("X-Secret-Hop", "1"),
-                                      ("Keep-Alive", "timeout=5"), ("Content-Length", "2")])
+            start_response(
+                "200 OK",
+                [
+                    ("Connection", "X-Secret-Hop"),
+                    ("X-Secret-Hop", "1"),
+                    ("Keep-Alive", "timeout=5"),
+                    ("Content-Length", "2"),
+                ],
+            )
             return [b"ok"]
         body = b"ok"
-        start_response("200 OK", [("Content-Type", "text/plain"), ("Content-Length", str(len(body)))])
+        start_response(
+            "200 OK", [("Content-Type", "text/plain"), ("Content-Length", str(len(body)))]
+        )
         return [body]
 
     def _endless(self) -> Iterator[bytes]:
@@ -425,11 +452,13 @@ def make_pki(directory: Path) -> Pki:
         return x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, cn)])
 
     def write_key(key: ec.EllipticCurvePrivateKey, path: Path) -> Path:
-        path.write_bytes(key.private_bytes(
-            serialization.Encoding.PEM,
-            serialization.PrivateFormat.PKCS8,
-            serialization.NoEncryption(),
-        ))
+        path.write_bytes(
+            key.private_bytes(
+                serialization.Encoding.PEM,
+                serialization.PrivateFormat.PKCS8,
+                serialization.NoEncryption(),
+            )
+        )
         return path
 
     def write_cert(cert: x509.Certificate, path: Path) -> Path:
@@ -449,9 +478,15 @@ def make_pki(directory: Path) -> Pki:
             .add_extension(x509.BasicConstraints(ca=True, path_length=None), critical=True)
             .add_extension(
                 x509.KeyUsage(
-                    digital_signature=True, content_commitment=False, key_encipherment=False,
-                    data_encipherment=False, key_agreement=False, key_cert_sign=True,
-                    crl_sign=True, encipher_only=False, decipher_only=False,
+                    digital_signature=True,
+                    content_commitment=False,
+                    key_encipherment=False,
+                    data_encipherment=False,
+                    key_agreement=False,
+                    key_cert_sign=True,
+                    crl_sign=True,
+                    encipher_only=False,
+                    decipher_only=False,
                 ),
                 critical=True,
             )
@@ -537,10 +572,15 @@ class Proxy:
         full_env.update(env or {})
         if via == "gunicorn":
             args = [
-                sys.executable, "-m", "gunicorn",
-                "--bind", f"127.0.0.1:{self.port}",
-                "--workers", str(workers),
-                "--threads", str(threads),
+                sys.executable,
+                "-m",
+                "gunicorn",
+                "--bind",
+                f"127.0.0.1:{self.port}",
+                "--workers",
+                str(workers),
+                "--threads",
+                str(threads),
                 "authproxy.wsgi:application",
             ]
         if config is not None:

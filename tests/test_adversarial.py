@@ -216,11 +216,11 @@ def test_bare_lf_between_headers_is_400(stack: Stack) -> None:
 
 def test_pipelined_requests_are_forwarded_one_by_one_with_their_own_bodies(stack: Stack) -> None:
     before = len(stack.upstream.seen)
-    first = stack.request(
-        "POST /one HTTP/1.1", "Host: x", f"Content-Length: {N}", body=SMUGGLED
-    )
+    first = stack.request("POST /one HTTP/1.1", "Host: x", f"Content-Length: {N}", body=SMUGGLED)
     second = stack.request(
-        "POST /two HTTP/1.1", "Host: x", "Transfer-Encoding: chunked",
+        "POST /two HTTP/1.1",
+        "Host: x",
+        "Transfer-Encoding: chunked",
         body=b"5;ext=1\r\nhello\r\n0\r\nX-Trailer: t\r\n\r\n",
     )
     third = stack.request("GET /three HTTP/1.1", "Host: x", "Connection: close")
@@ -236,8 +236,11 @@ def test_connection_transfer_encoding_keeps_the_body(stack: Stack) -> None:
     """``Connection`` may name ``Transfer-Encoding``; the body still goes with the request."""
     before = len(stack.upstream.seen)
     data = stack.request(
-        "POST /named HTTP/1.1", "Host: x", "Connection: close, Transfer-Encoding",
-        "Transfer-Encoding: chunked", body=b"5\r\nhello\r\n0\r\n\r\n",
+        "POST /named HTTP/1.1",
+        "Host: x",
+        "Connection: close, Transfer-Encoding",
+        "Transfer-Encoding: chunked",
+        body=b"5\r\nhello\r\n0\r\n\r\n",
     )
     assert exchange(stack, data).status == 200
     (seen,) = stack.upstream.seen[before:]
@@ -687,7 +690,9 @@ def test_a_cookie_that_is_not_utf8_is_not_a_5xx(stack: Stack, in_cookie: bool) -
     before = len(stack.upstream.seen)
     if in_cookie:
         data = stack.request(
-            "GET /cookie HTTP/1.1", "Host: x", f"Cookie: {junk}CF_Authorization={stack.token()}",
+            "GET /cookie HTTP/1.1",
+            "Host: x",
+            f"Cookie: {junk}CF_Authorization={stack.token()}",
             token=False,
         )
     else:

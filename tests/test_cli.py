@@ -22,9 +22,7 @@ def clean_environment(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
         monkeypatch.delenv(name, raising=False)
 
 
-def check(
-    capsys: pytest.CaptureFixture[str], *args: str
-) -> tuple[int, str, str]:
+def check(capsys: pytest.CaptureFixture[str], *args: str) -> tuple[int, str, str]:
     code = main(["check-config", *args])
     out, err = capsys.readouterr()
     return code, out, err

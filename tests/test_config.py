@@ -187,8 +187,11 @@ def test_no_configuration_at_all(tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 
 def test_go_sidecar_variables() -> None:
     config = from_environment(
-        {"DASHBOARD_PROXY_URL": "https://dash.svc", "LISTEN_ADDRESS": ":8080",
-         "DASHBOARD_TOKEN": TOKEN}
+        {
+            "DASHBOARD_PROXY_URL": "https://dash.svc",
+            "LISTEN_ADDRESS": ":8080",
+            "DASHBOARD_TOKEN": TOKEN,
+        }
     )
     assert config.upstream.url == "https://dash.svc"
     assert config.upstream.tls_verify is True
@@ -284,8 +287,12 @@ def test_conforms(value: Any, hint: Any, ok: bool) -> None:
 
 @pytest.mark.parametrize(
     ("hint", "text"),
-    [(int, "int"), (bool | str, "bool | str"), (list[str], "list[str]"),
-     (dict[str, Any], "dict[str, Any]")],
+    [
+        (int, "int"),
+        (bool | str, "bool | str"),
+        (list[str], "list[str]"),
+        (dict[str, Any], "dict[str, Any]"),
+    ],
 )
 def test_describe(hint: Any, text: str) -> None:
     assert describe(hint) == text

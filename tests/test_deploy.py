@@ -193,7 +193,10 @@ def test_gunicorn_example_serves_and_drops_underscore_headers(
     with open(log, "wb") as out:
         process = subprocess.Popen(
             [tool("gunicorn"), "-c", str(GUNICORN_CONF), "authproxy.wsgi:application"],
-            env=env, cwd=tmp_path, stdout=out, stderr=subprocess.STDOUT,
+            env=env,
+            cwd=tmp_path,
+            stdout=out,
+            stderr=subprocess.STDOUT,
         )
         try:
             wait_for_port(port, timeout=30)
@@ -264,7 +267,11 @@ class Replay:
             elif kind == "RUN":
                 result = subprocess.run(
                     ["bash", "-euo", "pipefail", "-c", self.map(rest)],
-                    cwd=self.cwd, env=self.env, capture_output=True, text=True, timeout=900,
+                    cwd=self.cwd,
+                    env=self.env,
+                    capture_output=True,
+                    text=True,
+                    timeout=900,
                 )
                 assert result.returncode == 0, f"RUN {rest}\n{result.stdout}\n{result.stderr}"
 
@@ -283,32 +290,44 @@ def test_fresh_venv_from_the_lock_serves_and_stops_gracefully(
     assert not (venv / "bin" / "pip").exists(), "the image's environment carries no pip"
     where = subprocess.run(
         [str(venv / "bin" / "python"), "-c", "import authproxy; print(authproxy.__file__)"],
-        cwd=tmp_path, env=clean_env(), capture_output=True, text=True, check=True,
+        cwd=tmp_path,
+        env=clean_env(),
+        capture_output=True,
+        text=True,
+        check=True,
     )
     assert Path(where.stdout.strip()).is_relative_to(venv), "imported from the worktree"
 
     final = Replay(root, shim)
     final.env = clean_env()  # a new stage starts from the base image's environment
-    final.run_stage(Stage(stages[-1].image, None, [
-        (kind, rest) for kind, rest in stages[-1].steps if kind in ("ENV", "WORKDIR")
-    ]))
+    final.run_stage(
+        Stage(
+            stages[-1].image,
+            None,
+            [(kind, rest) for kind, rest in stages[-1].steps if kind in ("ENV", "WORKDIR")],
+        )
+    )
     (root / "tmp").mkdir(exist_ok=True)
     port = free_port()
     config: dict[str, Any] = bearer_config(upstream)
     config["server"] = {
-        "listen": f"127.0.0.1:{port}", "workers": 1, "threads": 4, "graceful_timeout": 20.0,
+        "listen": f"127.0.0.1:{port}",
+        "workers": 1,
+        "threads": 4,
+        "graceful_timeout": 20.0,
     }
     write_toml(final.cwd / "authproxy.toml", config)  # found as ./authproxy.toml
-    command = json.loads(stages[-1].args("ENTRYPOINT")[-1]) + json.loads(
-        stages[-1].args("CMD")[-1]
-    )
+    command = json.loads(stages[-1].args("ENTRYPOINT")[-1]) + json.loads(stages[-1].args("CMD")[-1])
     executable = shutil.which(command[0], path=final.env["PATH"])
     assert executable and Path(executable).is_relative_to(venv)
     log = tmp_path / "serve.log"
     with open(log, "wb") as out:
         process = subprocess.Popen(
-            [executable, *command[1:]], cwd=final.cwd, env=final.env,
-            stdout=out, stderr=subprocess.STDOUT,
+            [executable, *command[1:]],
+            cwd=final.cwd,
+            env=final.env,
+            stdout=out,
+            stderr=subprocess.STDOUT,
         )
         try:
             wait_for_port(port, timeout=60)

@@ -90,8 +90,9 @@ class Example:
 
     def __init__(self, app: str) -> None:
         self.dir = EXAMPLES / app
-        self.objects = [d for p in sorted(self.dir.glob("*.yaml")) if p not in NOT_MANIFESTS
-                        for d in docs(p)]
+        self.objects = [
+            d for p in sorted(self.dir.glob("*.yaml")) if p not in NOT_MANIFESTS for d in docs(p)
+        ]
         self.deployment = self.one("Deployment")
         self.pod = self.deployment["spec"]["template"]["spec"]
         self.containers = {c["name"]: c for c in self.pod["containers"]}
@@ -109,7 +110,7 @@ class Example:
         for mount in self.containers[container].get("volumeMounts", []):
             prefix = mount["mountPath"].rstrip("/") + "/"
             if file.startswith(prefix):
-                return {**self.volumes[mount["name"]], "subpath": file[len(prefix):]}
+                return {**self.volumes[mount["name"]], "subpath": file[len(prefix) :]}
         raise AssertionError(f"{file} is not on a volume of {container}")
 
 
@@ -220,8 +221,12 @@ def test_variants_differ_from_the_default_only_where_they_say(example: Example) 
 # --- the configs pass check-config --------------------------------------------------------
 
 
-CONFIGMAPS = sorted(p for app in APPS for p in (EXAMPLES / app).rglob("*.yaml")
-                    if any(d.get("kind") == "ConfigMap" for d in docs(p)))
+CONFIGMAPS = sorted(
+    p
+    for app in APPS
+    for p in (EXAMPLES / app).rglob("*.yaml")
+    if any(d.get("kind") == "ConfigMap" for d in docs(p))
+)
 
 
 def self_signed(common_name: str) -> tuple[rsa.RSAPrivateKey, x509.Certificate]:
@@ -229,8 +234,11 @@ def self_signed(common_name: str) -> tuple[rsa.RSAPrivateKey, x509.Certificate]:
     name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, common_name)])
     now = datetime.datetime.now(datetime.UTC)
     cert = (
-        x509.CertificateBuilder().subject_name(name).issuer_name(name)
-        .public_key(key.public_key()).serial_number(x509.random_serial_number())
+        x509.CertificateBuilder()
+        .subject_name(name)
+        .issuer_name(name)
+        .public_key(key.public_key())
+        .serial_number(x509.random_serial_number())
         .not_valid_before(now - datetime.timedelta(minutes=5))
         .not_valid_after(now + datetime.timedelta(days=1))
         .add_extension(x509.SubjectAlternativeName([x509.DNSName(common_name)]), critical=False)
@@ -247,15 +255,18 @@ def access_keys() -> Iterator[str]:
     jwk = json.loads(jwt.algorithms.RSAAlgorithm.to_jwk(key.public_key()))
     jwk.update(kid="test-kid", alg="RS256", use="sig")
     pem = cert.public_bytes(serialization.Encoding.PEM).decode()
-    body = json.dumps({
-        "keys": [jwk],
-        "public_cert": {"kid": "test-kid", "cert": pem},
-        "public_certs": [{"kid": "test-kid", "cert": pem}],
-    }).encode()
+    body = json.dumps(
+        {
+            "keys": [jwk],
+            "public_cert": {"kid": "test-kid", "cert": pem},
+            "public_certs": [{"kid": "test-kid", "cert": pem}],
+        }
+    ).encode()
 
     def app(environ: dict[str, Any], start_response: Any) -> list[bytes]:
-        start_response("200 OK", [("Content-Type", "application/json"),
-                                  ("Content-Length", str(len(body)))])
+        start_response(
+            "200 OK", [("Content-Type", "application/json"), ("Content-Length", str(len(body)))]
+        )
         return [body]
 
     server = make_server("127.0.0.1", 0, app, threaded=True)
@@ -273,17 +284,16 @@ def render(text: str, replacements: dict[str, str]) -> str:
 
 
 @pytest.mark.parametrize("path", CONFIGMAPS, ids=rel)
-def test_example_config_passes_check_config(
-    path: Path, access_keys: str, tmp_path: Path
-) -> None:
+def test_example_config_passes_check_config(path: Path, access_keys: str, tmp_path: Path) -> None:
     [configmap] = [d for d in docs(path) if d["kind"] == "ConfigMap"]
     text = configmap["data"]["authproxy.toml"]
     config = tomllib.loads(text)
     token = tmp_path / "token"
     token.write_text(TOKEN + "\n")
     replacements = {
-        '"myteam.cloudflareaccess.com"  # EDIT':
-            f'"test.cloudflareaccess.com"  # EDIT\n    certs_url = "{access_keys}"',
+        '"myteam.cloudflareaccess.com"  # EDIT': (
+            f'"test.cloudflareaccess.com"  # EDIT\n    certs_url = "{access_keys}"'
+        ),
     }
     for found in sorted(set(re.findall(r"\$\{file:([^}]+)\}", text))):
         replacements[found] = str(token)
@@ -297,7 +307,11 @@ def test_example_config_passes_check_config(
     rendered.write_text(render(text, replacements))
     result = subprocess.run(
         [sys.executable, "-m", "authproxy.cli", "check-config", "--config", str(rendered)],
-        cwd=tmp_path, env=clean_env(), capture_output=True, text=True, timeout=60,
+        cwd=tmp_path,
+        env=clean_env(),
+        capture_output=True,
+        text=True,
+        timeout=60,
     )
     output = result.stdout + result.stderr
     assert result.returncode == 0, output
@@ -332,12 +346,18 @@ def tls_upstream(tmp_path: Path) -> Iterator[tuple[Upstream, Path]]:
             pytest.fail("openssl is missing (Debian package: openssl)")
         pytest.skip("openssl is not installed")
     subprocess.run(
-        ["bash", "-euo", "pipefail", "-c", openssl_recipe()], cwd=tmp_path, check=True,
-        env={**clean_env(), "HOST": "localhost"}, capture_output=True,
+        ["bash", "-euo", "pipefail", "-c", openssl_recipe()],
+        cwd=tmp_path,
+        check=True,
+        env={**clean_env(), "HOST": "localhost"},
+        capture_output=True,
     )
     upstream = Upstream()
     upstream.server = make_server(
-        "127.0.0.1", 0, upstream.app, threaded=True,
+        "127.0.0.1",
+        0,
+        upstream.app,
+        threaded=True,
         ssl_context=(str(tmp_path / "upstream.crt"), str(tmp_path / "upstream.key")),
     )
     upstream.port = upstream.server.server_port
@@ -364,8 +384,10 @@ def test_pinned_self_signed_certificate_is_trusted_and_nothing_else(
     seen = len(upstream.seen)
     # The same certificate without the pin, and the pin for a name the URL does
     # not use: the handshake fails, nothing is sent, the client gets a 502.
-    for url, verify in ((f"https://localhost:{upstream.port}", True),
-                        (f"https://127.0.0.1:{upstream.port}", str(cert))):
+    for url, verify in (
+        (f"https://localhost:{upstream.port}", True),
+        (f"https://127.0.0.1:{upstream.port}", str(cert)),
+    ):
         proxy = start_proxy(pinned_config(url, verify))
         refused = requests.get(proxy.url + "/x", timeout=30)
         assert refused.status_code == 502

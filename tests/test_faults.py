@@ -394,8 +394,16 @@ class FaultyKeys(JwksServer):
     ``stall-mid-body`` and ``reset-mid-body`` (half the document, then nothing or a RST).
     """
 
-    EXTRA = ("trickle", "html", "hs256-only", "rsa-as-hs256", "with-hs256", "down",
-             "stall-mid-body", "reset-mid-body")
+    EXTRA = (
+        "trickle",
+        "html",
+        "hs256-only",
+        "rsa-as-hs256",
+        "with-hs256",
+        "down",
+        "stall-mid-body",
+        "reset-mid-body",
+    )
     MODES = (*JwksServer.MODES, *EXTRA)
 
     def _handle(self, request: Any) -> None:
@@ -485,8 +493,20 @@ def key() -> SigningKey:
     return SigningKey("RSA")
 
 
-@pytest.mark.parametrize("fault", ["down", "stall", "trickle", "stall-mid-body", "reset-mid-body",
-                                   "garbage", "html", "hs256-only", "rsa-as-hs256"])
+@pytest.mark.parametrize(
+    "fault",
+    [
+        "down",
+        "stall",
+        "trickle",
+        "stall-mid-body",
+        "reset-mid-body",
+        "garbage",
+        "html",
+        "hs256-only",
+        "rsa-as-hs256",
+    ],
+)
 def test_no_usable_keys_at_start_refuses_everyone_but_health_answers(
     start_proxy: StartProxy, upstream: Upstream, key: SigningKey, fault: str
 ) -> None:
@@ -791,8 +811,9 @@ def test_a_worker_killed_mid_request_is_replaced_and_the_others_keep_serving(
     # The others keep serving, new requests included, while request 1 is still in flight.
     with ThreadPoolExecutor(6) as pool:
         statuses = list(
-            pool.map(lambda i: requests.get(f"{proxy.url}/new/{i}", timeout=60).status_code,
-                     range(12))
+            pool.map(
+                lambda i: requests.get(f"{proxy.url}/new/{i}", timeout=60).status_code, range(12)
+            )
         )
     assert statuses == [200] * 12
     assert "1" not in results

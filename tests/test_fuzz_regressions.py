@@ -92,9 +92,20 @@ def _atheris_or_skip() -> None:
 def test_the_fuzz_target_runs_clean_for_a_while(target: str, tmp_path: Path) -> None:
     _atheris_or_skip()
     result = subprocess.run(
-        [sys.executable, "-m", "fuzz.run", "--seconds", str(SECONDS),
-         "--workdir", str(tmp_path), target],
-        cwd=ROOT, capture_output=True, text=True, timeout=SECONDS + 300,
+        [
+            sys.executable,
+            "-m",
+            "fuzz.run",
+            "--seconds",
+            str(SECONDS),
+            "--workdir",
+            str(tmp_path),
+            target,
+        ],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=SECONDS + 300,
     )
     assert result.returncode == 0, result.stdout[-6000:] + result.stderr[-2000:]
     assert f"fuzz {target}: clean; Done " in result.stdout

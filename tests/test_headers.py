@@ -74,8 +74,10 @@ def test_connection_tokens() -> None:
     assert connection_tokens("") == []
 
 
-@pytest.mark.parametrize(("value", "bad"), [("ok value", False), ("a\rb", True),
-                                             ("a\nb", True), ("a\0b", True), ("tab\tok", False)])
+@pytest.mark.parametrize(
+    ("value", "bad"),
+    [("ok value", False), ("a\rb", True), ("a\nb", True), ("a\0b", True), ("tab\tok", False)],
+)
 def test_has_ctl(value: str, bad: bool) -> None:
     assert has_ctl(value) is bad
 

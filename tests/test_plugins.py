@@ -491,6 +491,7 @@ def test_pip_installed_plugin_under_gunicorn(
         },
         workers=2,
     )
+
     def get(path: str, user: str) -> requests.Response:
         return requests.get(proxy.url + path, headers={"X-Test-User": user}, timeout=30)
 

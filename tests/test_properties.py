@@ -40,11 +40,30 @@ settings.load_profile("authproxy")
 
 TCHAR = string.ascii_letters + string.digits + "!#$%&'*+-.^_`|~"
 token = st.text(TCHAR, min_size=1, max_size=20)
-HOP_NAMES = ["Connection", "Keep-Alive", "Proxy-Connection", "Proxy-Authorization",
-             "Proxy-Authenticate", "Te", "Trailer", "Transfer-Encoding", "Upgrade"]
-SENSITIVE = ["Authorization", "Cookie", "X-Auth-Request-Email", "Impersonate-User",
-             "Impersonate-Group", "Impersonate-Extra-Scopes", "Host", "X-Forwarded-For",
-             "Content-Length", "Content-Type", "X-Request-Id"]
+HOP_NAMES = [
+    "Connection",
+    "Keep-Alive",
+    "Proxy-Connection",
+    "Proxy-Authorization",
+    "Proxy-Authenticate",
+    "Te",
+    "Trailer",
+    "Transfer-Encoding",
+    "Upgrade",
+]
+SENSITIVE = [
+    "Authorization",
+    "Cookie",
+    "X-Auth-Request-Email",
+    "Impersonate-User",
+    "Impersonate-Group",
+    "Impersonate-Extra-Scopes",
+    "Host",
+    "X-Forwarded-For",
+    "Content-Length",
+    "Content-Type",
+    "X-Request-Id",
+]
 header_names = st.one_of(st.sampled_from(HOP_NAMES + SENSITIVE), token)
 # Header values as WSGI gives them: latin-1 text without CR, LF or NUL.
 field_value = st.text(
@@ -114,8 +133,9 @@ segment = st.lists(
     st.sampled_from(list(string.ascii_letters + string.digits + "-._~%!$&'()*+,;=:@/") + ["%2F"]),
     max_size=12,
 ).map("".join)
-origin_form = st.builds(lambda s, q: "/" + s + (("?" + q) if q is not None else ""),
-                        segment, st.none() | segment)
+origin_form = st.builds(
+    lambda s, q: "/" + s + (("?" + q) if q is not None else ""), segment, st.none() | segment
+)
 
 
 @given(st.sampled_from(["", "/", "/api", "/api/", "/a/b", "/a/b/"]), origin_form)
@@ -138,8 +158,11 @@ def test_joined_path_starts_with_the_base_and_keeps_the_target_verbatim(
 authority = st.text(string.ascii_lowercase + string.digits + ".:@-_", min_size=1, max_size=20)
 
 
-@given(st.sampled_from(["http", "https", "HTTP", "hTtPs"]), authority,
-       st.sampled_from(["", "/", "/x", "//y", "/a?b", "?q", "?q/r", "/%2F?x=http://z/"]))
+@given(
+    st.sampled_from(["http", "https", "HTTP", "hTtPs"]),
+    authority,
+    st.sampled_from(["", "/", "/x", "//y", "/a?b", "?q", "?q/r", "/%2F?x=http://z/"]),
+)
 def test_an_absolute_target_keeps_only_its_path(scheme: str, host: str, rest: str) -> None:
     raw = f"{scheme}://{host}{rest}"
     target = request_target({"RAW_URI": raw})
@@ -210,13 +233,16 @@ vchar_value = st.text(
     st.characters(min_codepoint=0x21, max_codepoint=0xFF, blacklist_characters="\x7f"),
     max_size=30,
 ).map(str.strip)
-path_target = st.text(
-    st.characters(min_codepoint=0x21, max_codepoint=0x7E), max_size=30
-).map(lambda s: "/" + s)
+path_target = st.text(st.characters(min_codepoint=0x21, max_codepoint=0x7E), max_size=30).map(
+    lambda s: "/" + s
+)
 
 
-@given(st.sampled_from(["GET", "POST", "PUT", "DELETE", "PATCH", "OPTIONS"]), path_target,
-       st.lists(st.tuples(token, vchar_value), max_size=8))
+@given(
+    st.sampled_from(["GET", "POST", "PUT", "DELETE", "PATCH", "OPTIONS"]),
+    path_target,
+    st.lists(st.tuples(token, vchar_value), max_size=8),
+)
 def test_encode_head_round_trips_through_a_real_parser(
     method: str, target: str, headers: list[tuple[str, str]]
 ) -> None:
@@ -239,13 +265,15 @@ claim_text = st.text(max_size=20) | st.text(
     st.sampled_from(["\ud800", "\udfff", "a", "\r", "\n", "\x00", "\u00e9", "\u0110", "\u2028"]),
     max_size=6,
 )
-literal = st.text(st.characters(min_codepoint=0x20, max_codepoint=0xFF,
-                                blacklist_characters="$\x7f"), max_size=10)
+literal = st.text(
+    st.characters(min_codepoint=0x20, max_codepoint=0xFF, blacklist_characters="$\x7f"), max_size=10
+)
 template_part = st.one_of(
     literal,
     st.just("$$"),
-    st.sampled_from(["${identity:email}", "${identity:name}", "${identity:nick}",
-                     "${identity:groups}"]),
+    st.sampled_from(
+        ["${identity:email}", "${identity:name}", "${identity:nick}", "${identity:groups}"]
+    ),
 )
 
 
@@ -257,8 +285,12 @@ def _identity(email: str, nick: str, groups: list[str]) -> VerifiedIdentity:
     )
 
 
-@given(st.lists(template_part, min_size=1, max_size=6), claim_text, claim_text,
-       st.lists(claim_text, max_size=3))
+@given(
+    st.lists(template_part, min_size=1, max_size=6),
+    claim_text,
+    claim_text,
+    st.lists(claim_text, max_size=3),
+)
 def test_a_rendered_template_is_a_wsgi_header_value_or_nothing(
     parts: list[str], email: str, nick: str, groups: list[str]
 ) -> None:
@@ -312,13 +344,26 @@ def test_injected_headers_never_carry_a_line_break(email: str, nick: str) -> Non
 # -- the identity policy ---------------------------------------------------------------------------
 
 local = st.text(string.ascii_letters + string.digits + "._+-", min_size=1, max_size=8)
-domain = st.sampled_from(["example.com", "EXAMPLE.com", "evil.com", "example.com.evil.com",
-                          "sub.example.com", "exampleXcom", "xexample.com"])
+domain = st.sampled_from(
+    [
+        "example.com",
+        "EXAMPLE.com",
+        "evil.com",
+        "example.com.evil.com",
+        "sub.example.com",
+        "exampleXcom",
+        "xexample.com",
+    ]
+)
 
 
-@given(local, domain, st.sampled_from(["", "@", "evil.com@"]),
-       st.lists(st.sampled_from(["example.com", "@example.com", "Example.COM"]), max_size=2),
-       st.lists(st.emails(), max_size=2))
+@given(
+    local,
+    domain,
+    st.sampled_from(["", "@", "evil.com@"]),
+    st.lists(st.sampled_from(["example.com", "@example.com", "Example.COM"]), max_size=2),
+    st.lists(st.emails(), max_size=2),
+)
 def test_an_email_passes_only_by_exact_address_or_exact_domain(
     user: str, host: str, prefix: str, domains: list[str], emails: list[str]
 ) -> None:
@@ -333,17 +378,25 @@ def test_an_email_passes_only_by_exact_address_or_exact_domain(
     assert allowed == (by_domain or by_address)
 
 
-@given(st.lists(st.sampled_from(["ops", "dev", "admins"]), max_size=3),
-       st.one_of(st.none(), st.sampled_from(["ops", "OPS", "admin", ""]),
-                 st.lists(st.sampled_from(["ops", "dev", "x", 1, None]), max_size=3)),
-       st.one_of(st.none(), st.text(max_size=10)))
+@given(
+    st.lists(st.sampled_from(["ops", "dev", "admins"]), max_size=3),
+    st.one_of(
+        st.none(),
+        st.sampled_from(["ops", "OPS", "admin", ""]),
+        st.lists(st.sampled_from(["ops", "dev", "x", 1, None]), max_size=3),
+    ),
+    st.one_of(st.none(), st.text(max_size=10)),
+)
 def test_claim_and_service_token_rules_match_exactly(
     accepted: list[str], claim: Any, service_token: str | None
 ) -> None:
-    policy = Policy(emails=None, domains=None, service_tokens=["ci-bot"],
-                    claims={"groups": accepted} if accepted else None)
-    identity = VerifiedIdentity(subject="s", service_token=service_token,
-                                claims={"groups": claim})
+    policy = Policy(
+        emails=None,
+        domains=None,
+        service_tokens=["ci-bot"],
+        claims={"groups": accepted} if accepted else None,
+    )
+    identity = VerifiedIdentity(subject="s", service_token=service_token, claims={"groups": claim})
     values = claim if isinstance(claim, list) else [claim]
     expected = service_token == "ci-bot" or any(
         isinstance(v, str) and v in accepted for v in values
@@ -351,8 +404,26 @@ def test_claim_and_service_token_rules_match_exactly(
     assert policy.allows(identity) == expected
 
 
-SEGMENTS = ["a", "static", "admin", "", ".", "..", "%2e", "%2E", "%2e%2e", ".%2e", "%2f",
-            "%2F", "%5c", "\\", "%252e%252e", "%25", ";x", "a%00"]
+SEGMENTS = [
+    "a",
+    "static",
+    "admin",
+    "",
+    ".",
+    "..",
+    "%2e",
+    "%2E",
+    "%2e%2e",
+    ".%2e",
+    "%2f",
+    "%2F",
+    "%5c",
+    "\\",
+    "%252e%252e",
+    "%25",
+    ";x",
+    "a%00",
+]
 
 
 def _resolve(path: str) -> str:

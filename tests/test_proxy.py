@@ -82,9 +82,7 @@ def test_go_sidecar_environment_injects_bearer_and_logs_one_json_line_per_reques
 
 
 @pytest.mark.parametrize("via", ["flag", "env", "gunicorn"])
-def test_config_file_is_found(
-    start_proxy: StartProxy, upstream: Upstream, via: str
-) -> None:
+def test_config_file_is_found(start_proxy: StartProxy, upstream: Upstream, via: str) -> None:
     """``serve --config``, ``serve`` with AUTHPROXY_CONFIG, and plain gunicorn on authproxy.wsgi."""
     config = bearer_config(upstream)
     config["health"] = {"live": "/custom-live"}
@@ -271,9 +269,7 @@ def test_forwarded_headers(start_proxy: StartProxy, upstream: Upstream) -> None:
     assert upstream.last().header("X-Forwarded-For") == "127.0.0.1"
 
 
-def test_trusted_front_proxy_sets_the_forwarded_proto(
-    proxy: Proxy, upstream: Upstream
-) -> None:
+def test_trusted_front_proxy_sets_the_forwarded_proto(proxy: Proxy, upstream: Upstream) -> None:
     """127.0.0.1 is trusted by default (cloudflared next door): its scheme is believed."""
     get(proxy, "/", headers={"X-Forwarded-Proto": "https"})
     assert upstream.last().header("X-Forwarded-Proto") == "https"
@@ -713,4 +709,3 @@ def test_sigterm_lets_an_in_flight_request_finish(
     # New connections are refused once it has stopped.
     with pytest.raises(OSError):
         socket.create_connection(("127.0.0.1", proxy.port), timeout=5).close()
-

@@ -57,8 +57,10 @@ def _upstream(conn: socket.socket, request: Request) -> bool:
         reset(conn)
         return False
     if kind == "stream":
-        conn.sendall(b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n"
-                     b"Content-Type: text/event-stream\r\n\r\n")
+        conn.sendall(
+            b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n"
+            b"Content-Type: text/event-stream\r\n\r\n"
+        )
         for i in range(5):
             piece = f"data: {request_id} {i}\n\n".encode()
             conn.sendall(b"%x\r\n%b\r\n" % (len(piece), piece))
@@ -97,13 +99,25 @@ class Tally:
                 self.problems.append(problem)
 
 
-EXPECTED = {"echo": 200, "upload": 200, "stream": 200, "no-token": 401, "unknown-key": 403,
-            "fault": 502}
+EXPECTED = {
+    "echo": 200,
+    "upload": 200,
+    "stream": 200,
+    "no-token": 401,
+    "unknown-key": 403,
+    "fault": 502,
+}
 WEIGHTS = {"echo": 50, "upload": 10, "stream": 15, "no-token": 10, "unknown-key": 10, "fault": 5}
 
 
-def _client(url: str, tokens: list[str], strangers: list[str], tally: Tally,
-            stop: threading.Event, seed: int) -> None:
+def _client(
+    url: str,
+    tokens: list[str],
+    strangers: list[str],
+    tally: Tally,
+    stop: threading.Event,
+    seed: int,
+) -> None:
     rng = random.Random(seed)
     session = requests.Session()
     kinds, weights = list(WEIGHTS), list(WEIGHTS.values())
@@ -122,7 +136,10 @@ def _client(url: str, tokens: list[str], strangers: list[str], tally: Tally,
         try:
             response = session.request(
                 "POST" if body is not None else "GET",
-                f"{url}/{path}/{request_id}", headers=headers, data=body, timeout=60,
+                f"{url}/{path}/{request_id}",
+                headers=headers,
+                data=body,
+                timeout=60,
             )
             status, text = response.status_code, response.text
             if status != EXPECTED[kind]:
@@ -212,6 +229,7 @@ def _load(proxy: Proxy, key: SigningKey, seconds: float, tally: Tally) -> float:
 
 def _settled(proxy: Proxy, pids: list[int], baseline: dict[int, Sample]) -> dict[int, Sample]:
     """Sample once the kept-alive client connections are gone (gunicorn closes idle ones)."""
+
     def quiet() -> dict[int, Sample] | None:
         now = _sample(pids)
         return now if all(now[p].fds <= baseline[p].fds + FD_MARGIN for p in pids) else None
@@ -244,9 +262,7 @@ def test_soak(
         f"soak: {CLIENTS} clients, {elapsed:.0f} s, {total} requests "
         f"({total / elapsed:.0f}/s), 2 workers x 8 threads",
         "  by kind: " + ", ".join(f"{k} {tally.counts[k]}" for k in WEIGHTS),
-        "  statuses: " + ", ".join(
-            f"{k} {s}: {n}" for (k, s), n in sorted(tally.statuses.items())
-        ),
+        "  statuses: " + ", ".join(f"{k} {s}: {n}" for (k, s), n in sorted(tally.statuses.items())),
         f"  latency: p50 {statistics.median(latencies) * 1000:.1f} ms, "
         f"p99 {latencies[int(len(latencies) * 0.99)] * 1000:.1f} ms",
         f"  upstream requests (warm-up included): {len(upstream.requests)}, for "
@@ -272,13 +288,17 @@ def test_soak(
     # A fault on a kept-alive connection is sent once more on a fresh one (GET is
     # idempotent), so the upstream may see a fault request twice, nothing else.
     faults = warm.counts["fault"] + tally.counts["fault"]
-    others = forwarded - tally.counts["fault"] + sum(
-        warm.counts[k] for k in ("echo", "upload", "stream")
+    others = (
+        forwarded
+        - tally.counts["fault"]
+        + sum(warm.counts[k] for k in ("echo", "upload", "stream"))
     )
     assert others + faults <= len(upstream.requests) <= others + 2 * faults
     for pid in pids:
         assert after[pid].fds <= before[pid].fds + FD_MARGIN, (pid, before[pid], after[pid])
         assert after[pid].rss_kib <= before[pid].rss_kib + RSS_MARGIN_KIB, (
-            pid, before[pid], after[pid]
+            pid,
+            before[pid],
+            after[pid],
         )
     assert "Traceback" not in proxy.logs()

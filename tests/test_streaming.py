@@ -23,12 +23,16 @@ STREAMS = {
     "sse": ("text/event-stream", {}),
     "sse-with-parameters": ("text/event-stream; charset=utf-8", {}),
     "sse-any-case": ("Text/Event-Stream", {}),
-    "watch-chunked": ("application/json", {"first": '{"type":"ADDED"}\n',
-                                           "second": '{"type":"DELETED"}\n'}),
+    "watch-chunked": (
+        "application/json",
+        {"first": '{"type":"ADDED"}\n', "second": '{"type":"DELETED"}\n'},
+    ),
     "close-delimited": ("application/octet-stream", {"close": "1"}),
     # SockJS xhr_streaming: a 2 KiB prelude of "h", the open frame, then messages.
-    "sockjs-xhr-streaming": ("application/javascript; charset=UTF-8",
-                             {"prelude": "2048", "first": "o\n", "second": 'a["hello"]\n'}),
+    "sockjs-xhr-streaming": (
+        "application/javascript; charset=UTF-8",
+        {"prelude": "2048", "first": "o\n", "second": 'a["hello"]\n'},
+    ),
 }
 
 
@@ -143,8 +147,9 @@ def test_gevent_holds_a_hundred_streams_in_one_worker(
     live: LiveUpstream, start_proxy: Callable[..., Proxy]
 ) -> None:
     count = 100
-    proxy = start_proxy({**live_config(live, TOKEN), "server": {"worker_class": "gevent"}},
-                        workers=1, threads=4)
+    proxy = start_proxy(
+        {**live_config(live, TOKEN), "server": {"worker_class": "gevent"}}, workers=1, threads=4
+    )
     assert len(proxy.worker_pids()) == 1
     socks = []
     try:

@@ -177,11 +177,11 @@ def _combined(r: dict[str, Any], started: float) -> str:
     when = time.strftime("%d/%b/%Y:%H:%M:%S +0000", time.gmtime(started))
     request = f"{r['method']} {r['path']} {r['protocol']}"
     return (
-        f'{r["client"]} - {r["identity"] or "-"} [{when}] {json.dumps(request)} '
-        f'{r["status"]} {r["bytes"]} {json.dumps(r["referer"] or "-")} '
-        f'{json.dumps(r["user_agent"] or "-")} {r["duration_ms"]}'
+        f"{r['client']} - {r['identity'] or '-'} [{when}] {json.dumps(request)} "
+        f"{r['status']} {r['bytes']} {json.dumps(r['referer'] or '-')} "
+        f"{json.dumps(r['user_agent'] or '-')} {r['duration_ms']}"
         + (
-            f' tunnel {r["tunnel_bytes_in"]} {r["tunnel_bytes_out"]} {r["tunnel_end"]}'
+            f" tunnel {r['tunnel_bytes_in']} {r['tunnel_bytes_out']} {r['tunnel_end']}"
             if "tunnel_end" in r
             else ""
         )
@@ -226,6 +226,4 @@ class _Counted:
             if close is not None:
                 close()
         finally:
-            self._log._emit(
-                self._environ, self._record, self._started, self._state[0], self._sent
-            )
+            self._log._emit(self._environ, self._record, self._started, self._state[0], self._sent)

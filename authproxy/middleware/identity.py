@@ -145,8 +145,10 @@ class Identity:
         ):
             if isinstance(number, bool) or not isinstance(number, (int, float)) or number < 0:
                 raise ConfigError(key, f"expected a number >= 0, got {number!r}")
-        for key, number in (("keys_timeout", keys_timeout),
-                            ("keys_refresh_interval", keys_refresh_interval)):
+        for key, number in (
+            ("keys_timeout", keys_timeout),
+            ("keys_refresh_interval", keys_refresh_interval),
+        ):
             if number <= 0:
                 raise ConfigError(key, f"expected a number > 0, got {number!r}")
         self.policy = Policy(

@@ -81,9 +81,7 @@ def main(argv: list[str]) -> int:
     now = int(time.time())
     headers = {"kid": kid}
     token = jwt.encode(claims(team_domain, audience, now, 86400), key, "RS256", headers)
-    expired = jwt.encode(
-        claims(team_domain, audience, now - 7200, 3600), key, "RS256", headers
-    )
+    expired = jwt.encode(claims(team_domain, audience, now - 7200, 3600), key, "RS256", headers)
     (out / "token").write_text(token + "\n")
     (out / "expired-token").write_text(expired + "\n")
     # Prove the pair fits before anything is measured with it.

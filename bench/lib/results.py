@@ -35,11 +35,21 @@ LABELS = {
 
 def _row(config: str, scenario: str, **fields: Any) -> dict[str, Any]:
     base = dict.fromkeys(
-        ("value", "p50_ms", "p99_ms", "rss_idle_mib", "rss_peak_mib", "cpu_proxy_s",
-         "cpu_us_per_req", "requests", "ttfb_s")
+        (
+            "value",
+            "p50_ms",
+            "p99_ms",
+            "rss_idle_mib",
+            "rss_peak_mib",
+            "cpu_proxy_s",
+            "cpu_us_per_req",
+            "requests",
+            "ttfb_s",
+        )
     )
-    base.update(config=config, scenario=scenario, unit=UNITS.get(scenario, ""), errors=0,
-                flags=[], note="")
+    base.update(
+        config=config, scenario=scenario, unit=UNITS.get(scenario, ""), errors=0, flags=[], note=""
+    )
     base.update(fields)
     return base
 
@@ -72,9 +82,12 @@ def _append(rows_path: str, row: dict[str, Any]) -> None:
         print(f"  {row['config']:<22} check  {state}: {row['note']}", flush=True)
         return
     value = "-" if row["value"] is None else row["value"]
-    print(f"  {row['config']:<22} {row['scenario']:<6} {value:>10} {row['unit']:<6}"
-          f" p50={row['p50_ms']} p99={row['p99_ms']} rss={row['rss_peak_mib']}"
-          f" errors={row['errors']} {' '.join(row['flags'])}", flush=True)
+    print(
+        f"  {row['config']:<22} {row['scenario']:<6} {value:>10} {row['unit']:<6}"
+        f" p50={row['p50_ms']} p99={row['p99_ms']} rss={row['rss_peak_mib']}"
+        f" errors={row['errors']} {' '.join(row['flags'])}",
+        flush=True,
+    )
 
 
 def record_wrk(args: argparse.Namespace) -> None:
@@ -82,8 +95,12 @@ def record_wrk(args: argparse.Namespace) -> None:
     found = re.search(r"^BENCH_WRK (\{.*\})$", text, re.M)
     watch = _watch_fields(args.watch)
     if not found:
-        _append(args.rows, _row(args.config, args.scenario, errors=1,
-                                note=f"wrk failed: {text[-300:]!r}", **watch))
+        _append(
+            args.rows,
+            _row(
+                args.config, args.scenario, errors=1, note=f"wrk failed: {text[-300:]!r}", **watch
+            ),
+        )
         return
     w = json.loads(found.group(1))
     seconds = w["duration_us"] / 1e6
@@ -98,10 +115,18 @@ def record_wrk(args: argparse.Namespace) -> None:
         value = round(w["requests"] / seconds)
     else:  # MB/s, MB = 10^6 bytes, headers included (as the harness counts)
         value = round(w["bytes"] / w["duration_us"], 1)
-    row = _row(args.config, args.scenario, value=value,
-               p50_ms=round(w["p50_us"] / 1000, 2), p99_ms=round(w["p99_us"] / 1000, 2),
-               requests=w["requests"], errors=socket_errors + wrong, note=note,
-               connections=args.connections, **watch)
+    row = _row(
+        args.config,
+        args.scenario,
+        value=value,
+        p50_ms=round(w["p50_us"] / 1000, 2),
+        p99_ms=round(w["p99_us"] / 1000, 2),
+        requests=w["requests"],
+        errors=socket_errors + wrong,
+        note=note,
+        connections=args.connections,
+        **watch,
+    )
     if row.get("cpu_proxy_s") is not None and w["requests"]:
         row["cpu_us_per_req"] = round(row["cpu_proxy_s"] / w["requests"] * 1e6)
     if args.conns:
@@ -163,20 +188,26 @@ def own_table(rows: list[dict[str, Any]]) -> list[str]:
     for r in rows:
         if r["scenario"] == "check":
             if r["errors"]:
-                out.append(f"| {_label(r['config'])} | check | | | | | | {r['errors']} "
-                           f"| {r['note']} |")
+                out.append(
+                    f"| {_label(r['config'])} | check | | | | | | {r['errors']} | {r['note']} |"
+                )
             continue
         value = f"{_cell(r['value'])} {r['unit']}" if r["value"] is not None else "-"
-        rss = (f"{_cell(r['rss_peak_mib'])} ({_cell(r['rss_idle_mib'])})"
-               if r["rss_peak_mib"] is not None else "-")
+        rss = (
+            f"{_cell(r['rss_peak_mib'])} ({_cell(r['rss_idle_mib'])})"
+            if r["rss_peak_mib"] is not None
+            else "-"
+        )
         remarks = list(r["flags"])
         if r["ttfb_s"] is not None:
             remarks.insert(0, f"ttfb {r['ttfb_s']} s")
         if r["note"]:
             remarks.append(r["note"])
-        out.append(f"| {_label(r['config'])} | {r['scenario']} | {value} | {_cell(r['p50_ms'])} "
-                   f"| {_cell(r['p99_ms'])} | {rss} | {_cpu(r)} "
-                   f"| {r['errors']} | {'; '.join(remarks)} |")
+        out.append(
+            f"| {_label(r['config'])} | {r['scenario']} | {value} | {_cell(r['p50_ms'])} "
+            f"| {_cell(r['p99_ms'])} | {rss} | {_cpu(r)} "
+            f"| {r['errors']} | {'; '.join(remarks)} |"
+        )
     return out
 
 
@@ -205,9 +236,14 @@ def identity_difference(rows: list[dict[str, Any]]) -> list[str]:
             out.append(f"| {scenario} | {on['value']} | {off['value']} | {diff:+.1f} % |")
     if not out:
         return []
-    return ["", "Identity on vs off (same run; positive = identity costs throughput):", "",
-            "| scenario | (b) identity on | (d) identity off | cost |",
-            "|---|--:|--:|--:|", *out]
+    return [
+        "",
+        "Identity on vs off (same run; positive = identity costs throughput):",
+        "",
+        "| scenario | (b) identity on | (d) identity off | cost |",
+        "|---|--:|--:|--:|",
+        *out,
+    ]
 
 
 def load_peers(path: str) -> list[dict[str, str]]:
@@ -224,8 +260,14 @@ def _num(text: Any) -> float | None:
 
 def peers_tables(peers: list[dict[str, str]], rows: list[dict[str, Any]]) -> list[str]:
     def get(candidate: str, scenario: str, column: str = "rps_or_MBps") -> float | None:
-        return next((_num(p[column]) for p in peers
-                     if p["candidate"] == candidate and p["scenario"] == scenario), None)
+        return next(
+            (
+                _num(p[column])
+                for p in peers
+                if p["candidate"] == candidate and p["scenario"] == scenario
+            ),
+            None,
+        )
 
     def ratio(a: float | None, b: float | None) -> str:
         return f"{a / b:.2f}" if a is not None and b else "-"
@@ -245,25 +287,35 @@ def peers_tables(peers: list[dict[str, str]], rows: list[dict[str, Any]]) -> lis
         return ""
 
     candidates = list(dict.fromkeys(p["candidate"] for p in peers))
-    out = ["", "All candidates of the peers' harness (same invocation):", "",
-           "| candidate | small req/s | small p99 ms | small proxy CPU µs/req | 1m MB/s "
-           "| big MB/s | big ttfb s | peak RSS MiB (big) | errors | remarks |",
-           "|---|--:|--:|--:|--:|--:|--:|--:|--:|---|"]
+    out = [
+        "",
+        "All candidates of the peers' harness (same invocation):",
+        "",
+        "| candidate | small req/s | small p99 ms | small proxy CPU µs/req | 1m MB/s "
+        "| big MB/s | big ttfb s | peak RSS MiB (big) | errors | remarks |",
+        "|---|--:|--:|--:|--:|--:|--:|--:|--:|---|",
+    ]
     for cand in candidates:
         cpu, requests = note(cand, "small", "proxy"), note(cand, "small", "requests")
         per_req = f"{cpu / requests * 1e6:.0f}" if cpu is not None and requests else "-"
         errors = sum(int(_num(p["errors"]) or 0) for p in peers if p["candidate"] == cand)
-        out.append(f"| {cand} | {_fmt(get(cand, 'small'), 'small')} "
-                   f"| {_cell(get(cand, 'small', 'p99_ms'))} "
-                   f"| {per_req} | {_cell(get(cand, '1m'))} | {_cell(get(cand, 'big'))} "
-                   f"| {_cell(note(cand, 'big', 'ttfb_s'))} "
-                   f"| {_cell(get(cand, 'big', 'peak_rss_mb'))} | {errors} "
-                   f"| {'; '.join(f'{sc} {flags(cand, sc)}' for sc in UNITS if flags(cand, sc))} |")
+        out.append(
+            f"| {cand} | {_fmt(get(cand, 'small'), 'small')} "
+            f"| {_cell(get(cand, 'small', 'p99_ms'))} "
+            f"| {per_req} | {_cell(get(cand, '1m'))} | {_cell(get(cand, 'big'))} "
+            f"| {_cell(note(cand, 'big', 'ttfb_s'))} "
+            f"| {_cell(get(cand, 'big', 'peak_rss_mb'))} | {errors} "
+            f"| {'; '.join(f'{sc} {flags(cand, sc)}' for sc in UNITS if flags(cand, sc))} |"
+        )
     ours = [c for c in candidates if c.startswith("authproxy")]
-    out += ["", "authproxy against the peers (shared harness, same invocation):", "",
-           "| candidate | scenario | value | / werkzeug_proxy | / go_httputil | p99 ms "
-           "| p99 / go p99 | peak RSS MiB | remarks |",
-           "|---|---|--:|--:|--:|--:|--:|--:|---|"]
+    out += [
+        "",
+        "authproxy against the peers (shared harness, same invocation):",
+        "",
+        "| candidate | scenario | value | / werkzeug_proxy | / go_httputil | p99 ms "
+        "| p99 / go p99 | peak RSS MiB | remarks |",
+        "|---|---|--:|--:|--:|--:|--:|--:|---|",
+    ]
     for cand in ours:
         for scenario in UNITS:
             value = get(cand, scenario)
@@ -273,20 +325,32 @@ def peers_tables(peers: list[dict[str, str]], rows: list[dict[str, Any]]) -> lis
                 f"| {ratio(value, get('werkzeug_proxy', scenario))} "
                 f"| {ratio(value, get('go_httputil', scenario))} | {_cell(p99)} "
                 f"| {ratio(p99, get('go_httputil', scenario, 'p99_ms'))} "
-                f"| {_cell(get(cand, scenario, 'peak_rss_mb'))} | {flags(cand, scenario)} |")
+                f"| {_cell(get(cand, scenario, 'peak_rss_mb'))} | {flags(cand, scenario)} |"
+            )
     on, off = get("authproxy_pipeline", "small"), get("authproxy_pipeline_noid", "small")
     if on and off:
-        out += ["", f"Identity on vs off in the harness (small): {(off - on) / off * 100:+.1f} % "
-                "(authproxy_pipeline has one more inject-headers step, which adds the token)."]
+        out += [
+            "",
+            f"Identity on vs off in the harness (small): {(off - on) / off * 100:+.1f} % "
+            "(authproxy_pipeline has one more inject-headers step, which adds the token).",
+        ]
     if "authproxy_forwarder" in ours:
-        out += ["", "By design the harness's `check` fails for authproxy_forwarder ((a) injects "
-                "no Authorization) and for gunicorn_hello (it forwards nothing; its 1m row "
-                "is a 100-byte answer)."]
+        out += [
+            "",
+            "By design the harness's `check` fails for authproxy_forwarder ((a) injects "
+            "no Authorization) and for gunicorn_hello (it forwards nothing; its 1m row "
+            "is a 100-byte answer).",
+        ]
     full = next((c for c in ("authproxy_pipeline", "authproxy_pipeline_noid") if c in ours), None)
     if full is None:
         return out
-    out += ["", f"Targets of issue 8 ({full}; identity and RSS growth from this run's own rows):",
-            "", "| target | measured | met |", "|---|---|---|"]
+    out += [
+        "",
+        f"Targets of issue 8 ({full}; identity and RSS growth from this run's own rows):",
+        "",
+        "| target | measured | met |",
+        "|---|---|---|",
+    ]
 
     def target(text: str, measured: float | None, ok: bool | None, fmt: str = "{:.2f}") -> None:
         shown = "-" if measured is None else fmt.format(measured)
@@ -315,8 +379,12 @@ def peers_tables(peers: list[dict[str, str]], rows: list[dict[str, Any]]) -> lis
         if r and r["rss_peak_mib"] is not None and r["rss_idle_mib"] is not None:
             streams = 1 if scenario == "big" else (r.get("connections") or 1)
             per = (r["rss_peak_mib"] - r["rss_idle_mib"]) / streams
-            target(f"RSS above idle per stream < 16 MiB ({config}, {scenario})", per,
-                   per < 16, "{:.1f} MiB")
+            target(
+                f"RSS above idle per stream < 16 MiB ({config}, {scenario})",
+                per,
+                per < 16,
+                "{:.1f} MiB",
+            )
     return out
 
 
@@ -340,8 +408,9 @@ def report(args: argparse.Namespace) -> None:
 
 
 def main(argv: list[str]) -> int:
-    parser = argparse.ArgumentParser(description=__doc__,
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     sub = parser.add_subparsers(dest="command", required=True)
     p = sub.add_parser("wrk")
     for name in ("rows", "config", "scenario", "output", "watch"):

@@ -36,9 +36,7 @@ def test_allow_and_deny_lists_behind_a_trusted_proxy(
 ) -> None:
     # The access log trusts loopback (its default), so X-Forwarded-For from
     # this test, which connects from 127.0.0.1, is believed.
-    proxy = start_proxy(
-        stack(upstream, {}, {"allow": ["10.0.0.0/8"], "deny": ["10.66.0.0/16"]})
-    )
+    proxy = start_proxy(stack(upstream, {}, {"allow": ["10.0.0.0/8"], "deny": ["10.66.0.0/16"]}))
     assert get(proxy, "/direct").status_code == 403  # 127.0.0.1 is not in allow
     assert get(proxy, "/inside", **{"X-Forwarded-For": "10.1.2.3"}).status_code == 200
     assert get(proxy, "/denied", **{"X-Forwarded-For": "10.66.0.9"}).status_code == 403

@@ -96,7 +96,7 @@ class RateLimit:
         self.buckets: Buckets
         if backend == "redis":
             if not redis_url:
-                raise ConfigError("redis_url", "required with backend = \"redis\"")
+                raise ConfigError("redis_url", 'required with backend = "redis"')
             parts = urlsplit(redis_url)
             if parts.scheme not in ("redis", "rediss", "unix"):
                 raise ConfigError("redis_url", "expected a redis://, rediss:// or unix:// URL")
@@ -106,13 +106,14 @@ class RateLimit:
                 from .redis_backend import RedisBuckets
             except ImportError:
                 raise ConfigError(
-                    "backend", "the redis backend needs the redis package: "
-                    "pip install 'authproxy-ratelimit[redis]'"
+                    "backend",
+                    "the redis backend needs the redis package: "
+                    "pip install 'authproxy-ratelimit[redis]'",
                 ) from None
             self.buckets = RedisBuckets(redis_url, prefix=key_prefix, timeout=redis_timeout)
         else:
             if redis_url is not None:
-                raise ConfigError("redis_url", "only used with backend = \"redis\"")
+                raise ConfigError("redis_url", 'only used with backend = "redis"')
             self.buckets = MemoryBuckets()
 
     def __call__(self, environ: WSGIEnvironment, start_response: StartResponse) -> Iterable[bytes]:

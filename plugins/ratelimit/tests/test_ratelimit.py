@@ -33,8 +33,19 @@ def redis_url(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
     port = free_port()
     workdir = tmp_path_factory.mktemp("redis")
     process = subprocess.Popen(
-        [exe, "--port", str(port), "--bind", "127.0.0.1", "--save", "", "--appendonly", "no",
-         "--dir", str(workdir)],
+        [
+            exe,
+            "--port",
+            str(port),
+            "--bind",
+            "127.0.0.1",
+            "--save",
+            "",
+            "--appendonly",
+            "no",
+            "--dir",
+            str(workdir),
+        ],
         stdout=subprocess.DEVNULL,
         stderr=subprocess.DEVNULL,
     )
@@ -285,15 +296,22 @@ def test_redis_limit_holds_across_workers_and_replicas(
 
 @pytest.mark.parametrize("fail_open", [True, False])
 def test_redis_down(
-    upstream: Upstream, start_proxy: Callable[..., Proxy], test_steps: dict[str, str],
+    upstream: Upstream,
+    start_proxy: Callable[..., Proxy],
+    test_steps: dict[str, str],
     fail_open: bool,
 ) -> None:
     dead = f"redis://127.0.0.1:{free_port()}/0"
     proxy = start_proxy(
         config(
             upstream,
-            {"use": "ratelimit", "per_address": "1/hour", "backend": "redis",
-             "redis_url": dead, "fail_open": fail_open},
+            {
+                "use": "ratelimit",
+                "per_address": "1/hour",
+                "backend": "redis",
+                "redis_url": dead,
+                "fail_open": fail_open,
+            },
         ),
         env=test_steps,
     )
