@@ -23,6 +23,7 @@ import httptools
 
 from .errors import UpstreamConnectError, UpstreamProtocolError, UpstreamTimeout
 
+_HEAD_RECV = 64 * 1024
 _IDEMPOTENT = frozenset({"GET", "HEAD", "OPTIONS", "TRACE", "PUT", "DELETE"})
 _NO_BODY_STATUS = frozenset({204, 304})
 #: The most an upstream may send before its headers end (interim responses
@@ -181,7 +182,10 @@ class Response:
         while not self._headers_done:
             if received > MAX_HEAD_BYTES:
                 raise UpstreamProtocolError(f"upstream headers larger than {MAX_HEAD_BYTES} bytes")
-            data = self._sock.recv(self._recv_size)
+            # A head (and a small body behind it) fits in 64 KiB: asking for
+            # more would make every small answer allocate and free a large
+            # buffer (an mmap and munmap per request).
+            data = self._sock.recv(_HEAD_RECV)
             if not data:
                 raise ConnectionResetError("upstream closed the connection before answering")
             received += len(data)
