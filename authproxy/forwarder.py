@@ -382,8 +382,10 @@ class Forwarder:
             if now - self._ready_at < cache_seconds:
                 return self._ready
             try:
-                socket.create_connection(self._address, timeout=self._connect_timeout).close()
-                self._ready = True
+                with socket.create_connection(self._address, self._connect_timeout) as sock:
+                    # With nothing listening on a local port in the ephemeral
+                    # range, Linux can connect a socket to itself: not an upstream.
+                    self._ready = sock.getsockname() != sock.getpeername()
             except OSError:
                 self._ready = False
             self._ready_at = time.monotonic()
