@@ -5,7 +5,7 @@ from __future__ import annotations
 import json
 import logging
 import time
-from collections.abc import Iterable, Iterator
+from collections.abc import Iterable
 from typing import TYPE_CHECKING, Any
 
 from ..addresses import (
@@ -22,6 +22,7 @@ from ..context import (
     TUNNEL_BYTES_OUT,
     TUNNEL_END,
     UPSTREAM_MS,
+    CountedBody,
 )
 from ..errors import ConfigError
 from ..headers import environ_key
@@ -129,7 +130,13 @@ class AccessLog:
             state[0] = state[0] or 500
             self._emit(environ, record, started, state[0], 0)
             raise
-        return _Counted(body, self, environ, record, started, state)
+
+        def done(sent: int, aborted: str | None) -> None:
+            if aborted is not None:  # the body broke after the status went out
+                record["aborted"] = aborted
+            self._emit(environ, record, started, state[0], sent)
+
+        return CountedBody(body, done)
 
     def _emit(
         self,
@@ -186,44 +193,3 @@ def _combined(r: dict[str, Any], started: float) -> str:
             else ""
         )
     )
-
-
-class _Counted:
-    """The response body, counted as it goes; logs once when closed."""
-
-    def __init__(
-        self,
-        body: Iterable[bytes],
-        log: AccessLog,
-        environ: WSGIEnvironment,
-        record: dict[str, Any],
-        started: float,
-        state: list[int],
-    ) -> None:
-        self._body = body
-        self._log = log
-        self._environ = environ
-        self._record = record
-        self._started = started
-        self._state = state
-        self._sent = 0
-
-    def __iter__(self) -> Iterator[bytes]:
-        try:
-            for chunk in self._body:
-                self._sent += len(chunk)
-                yield chunk
-        except GeneratorExit:
-            raise
-        except BaseException as exc:
-            # The body broke after the status went out: say so in the log.
-            self._record["aborted"] = type(exc).__name__
-            raise
-
-    def close(self) -> None:
-        try:
-            close = getattr(self._body, "close", None)
-            if close is not None:
-                close()
-        finally:
-            self._log._emit(self._environ, self._record, self._started, self._state[0], self._sent)

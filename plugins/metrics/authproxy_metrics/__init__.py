@@ -6,7 +6,7 @@ import os
 import re
 import threading
 import time
-from collections.abc import Iterable, Iterator
+from collections.abc import Iterable
 from typing import TYPE_CHECKING, Any
 
 from prometheus_client import (
@@ -22,6 +22,7 @@ from prometheus_client.multiprocess import MultiProcessCollector
 from authproxy.context import (
     REFUSAL,
     UPSTREAM_MS,
+    CountedBody,
     in_networks,
     parse_networks,
     plain_response,
@@ -171,7 +172,10 @@ class Metrics:
         except BaseException:
             self._record(environ, route, status[0] or 500, started, 0)
             raise
-        return _Observed(body, self, environ, route, started, status)
+        return CountedBody(
+            body,
+            lambda sent, _aborted: self._record(environ, route, status[0] or 500, started, sent),
+        )
 
     def _route(self, path: str) -> str:
         for name, pattern in self.routes:
@@ -239,45 +243,6 @@ class Metrics:
             "multiprocess_dir": self.multiprocess_dir,
             "allow_from": None if self.allow_from is None else [str(n) for n in self.allow_from],
         }
-
-
-class _Observed:
-    """The response body, counted as it goes; recorded once when closed."""
-
-    def __init__(
-        self,
-        body: Iterable[bytes],
-        metrics: Metrics,
-        environ: WSGIEnvironment,
-        route: str,
-        started: float,
-        status: list[int],
-    ) -> None:
-        self._body = body
-        self._metrics = metrics
-        self._environ = environ
-        self._route = route
-        self._started = started
-        self._status = status
-        self._sent = 0
-        self._done = False
-
-    def __iter__(self) -> Iterator[bytes]:
-        for chunk in self._body:
-            self._sent += len(chunk)
-            yield chunk
-
-    def close(self) -> None:
-        try:
-            close = getattr(self._body, "close", None)
-            if close is not None:
-                close()
-        finally:
-            if not self._done:
-                self._done = True
-                self._metrics._record(
-                    self._environ, self._route, self._status[0] or 500, self._started, self._sent
-                )
 
 
 def _compile_routes(routes: dict[str, str]) -> tuple[tuple[str, re.Pattern[str]], ...]:
