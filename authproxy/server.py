@@ -5,6 +5,7 @@ from __future__ import annotations
 import warnings
 from typing import Any
 
+from gunicorn import glogging
 from gunicorn.app.base import BaseApplication
 
 from .config import Config
@@ -26,11 +27,26 @@ def gunicorn_settings(config: Config) -> dict[str, Any]:
         "keepalive": max(0, round(s.keepalive)),
         "forwarded_allow_ips": s.forwarded_allow_ips,
         "accesslog": None,  # the pipeline's access-log step writes the access log
+        "logger_class": "authproxy.server.GunicornLogger",
         "errorlog": "-",
         "loglevel": s.log_level,
         "logconfig_dict": logconfig_dict(s.log_level),
         "proc_name": "authproxy",
     }
+
+
+class GunicornLogger(glogging.Logger):  # type: ignore[misc]
+    """gunicorn's logger without its access log: the access-log step writes that.
+
+    gunicorn would otherwise gather its access-line fields for every request
+    (it does whenever a logging config is set), only to drop the line.
+    """
+
+    def _compute_access_log_enabled(self) -> bool:
+        return False
+
+    def access(self, resp: Any, req: Any, environ: Any, request_time: Any) -> None:
+        return None
 
 
 class Server(BaseApplication):  # type: ignore[misc]

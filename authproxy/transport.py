@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import re
 import socket
+import struct
 from collections.abc import Callable, Iterable, Iterator
 from http import HTTPStatus
 from typing import Any
@@ -24,6 +25,9 @@ import httptools
 from .errors import UpstreamConnectError, UpstreamProtocolError, UpstreamTimeout
 
 _HEAD_RECV = 64 * 1024
+#: Sockets whose timeouts can live in the kernel (see _set_timeouts); captured
+#: at import, so a gevent-patched socket class is not among them.
+_PLAIN_SOCKET = socket.socket
 _IDEMPOTENT = frozenset({"GET", "HEAD", "OPTIONS", "TRACE", "PUT", "DELETE"})
 _NO_BODY_STATUS = frozenset({204, 304})
 #: The most an upstream may send before its headers end (interim responses
@@ -373,10 +377,13 @@ class Transport:
         the connection is closed (and given back to *pool*) and an upstream error raised."""
         response = None
         try:
-            if conn.sock is None:
+            sock = conn.sock
+            if sock is None:
                 conn.timeout = self.connect_timeout
                 conn.connect()
-            conn.sock.settimeout(self.read_timeout)
+                _set_timeouts(conn.sock, self.read_timeout)
+            elif type(sock) is not _PLAIN_SOCKET:
+                sock.settimeout(self.read_timeout)
             response = Response(conn, pool, method == "HEAD", self.recv_size)
             _write(conn.sock, head, body, chunked)
             response.read_head()
@@ -391,6 +398,31 @@ class Transport:
             if error is exc:
                 raise
             raise error from exc
+
+
+def _set_timeouts(sock: socket.socket, timeout: float | None) -> None:
+    """Give a new upstream connection its read and write timeout.
+
+    A plain socket gets them as SO_RCVTIMEO/SO_SNDTIMEO and stays in blocking
+    mode: Python polls before every send and receive on a socket with a
+    timeout of its own, two more system calls per request, each one a chance
+    for another thread to take the GIL. A timeout then surfaces as
+    :class:`BlockingIOError`. TLS sockets (OpenSSL would retry a timed-out read
+    forever) and cooperative ones (gevent) keep Python's timeout.
+    """
+    if type(sock) is not _PLAIN_SOCKET or timeout is None:
+        sock.settimeout(timeout)
+        return
+    sock.settimeout(None)
+    seconds = int(timeout)
+    tv = struct.pack("@ll", seconds, int((timeout - seconds) * 1e6))
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVTIMEO, tv)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDTIMEO, tv)
+
+
+def _timed_out(exc: BaseException) -> bool:
+    # BlockingIOError: a kernel timeout on a blocking socket (_set_timeouts).
+    return isinstance(exc, (TimeoutError, BlockingIOError))
 
 
 def _head(method: str, target: str, headers: Iterable[tuple[str, str]], chunked: bool) -> bytes:
@@ -415,7 +447,7 @@ def _write(sock: socket.socket, head: bytes, body: Any, chunked: bool) -> None:
 
 
 def _body_error(exc: OSError) -> Exception:
-    if isinstance(exc, TimeoutError):
+    if _timed_out(exc):
         return UpstreamTimeout("upstream stalled mid-body")
     return UpstreamProtocolError(f"upstream body failed: {type(exc).__name__}")
 
@@ -427,10 +459,10 @@ def _upstream_error(exc: BaseException) -> BaseException:
         return exc
     # urllib3's NewConnectionError (refused, unreachable) subclasses
     # ConnectTimeoutError for history's sake: it is no timeout.
-    if isinstance(exc, (ConnectTimeoutError, TimeoutError)) and not isinstance(
+    if (isinstance(exc, ConnectTimeoutError) or _timed_out(exc)) and not isinstance(
         exc, NewConnectionError
     ):
-        return UpstreamTimeout(type(exc).__name__)
+        return UpstreamTimeout("TimeoutError" if isinstance(exc, OSError) else type(exc).__name__)
     if isinstance(exc, httptools.HttpParserError):
         return UpstreamProtocolError(f"malformed response from upstream: {exc}")
     if isinstance(exc, (NewConnectionError, SSLError, OSError)):

@@ -68,8 +68,10 @@ worker_tmp_dir = "/dev/shm"
 
 # authproxy's access-log step writes the access log; gunicorn's own would
 # repeat every request without redaction. gunicorn writes its access lines
-# whenever logconfig_dict is set, so its access logger is silenced too.
+# whenever logconfig_dict is set, so its access logger is silenced too, and
+# authproxy's logger class skips gathering those lines in the first place.
 accesslog = None
+logger_class = "authproxy.server.GunicornLogger"
 errorlog = "-"
 loglevel = "info"
 logconfig_dict = logconfig_dict("info")

@@ -6,6 +6,7 @@ from __future__ import annotations
 import io
 import logging
 import socket
+import threading
 from collections.abc import Iterator
 from typing import Any
 
@@ -203,6 +204,49 @@ def test_read_timeout_is_504(upstream: Upstream) -> None:
     app = Forwarder(upstream.url, read_timeout=0.5)
     response = Client(app).get("/sleep/3")
     assert (response.status_code, response.data) == (504, b"Gateway Timeout\n")
+
+
+def test_read_timeout_holds_on_a_kept_alive_connection() -> None:
+    """The timeout set when a connection opens still bounds its later requests.
+
+    The upstream answers the first request on its one connection, then
+    reads the second and never answers it.
+    """
+    listener = socket.create_server(("127.0.0.1", 0))
+    accepted: list[socket.socket] = []
+
+    def serve() -> None:
+        conn, _ = listener.accept()
+        accepted.append(conn)
+        received = b""
+        while received.count(b"\r\n\r\n") < 2:
+            data = conn.recv(65536)
+            if not data:
+                return
+            received += data
+            if received.count(b"\r\n\r\n") == 1 and not received.endswith(b"answered"):
+                conn.sendall(b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nok")
+                received += b"answered"
+
+    thread = threading.Thread(target=serve, daemon=True)
+    thread.start()
+    try:
+        client = Client(
+            Forwarder(f"http://127.0.0.1:{listener.getsockname()[1]}", read_timeout=0.5)
+        )
+        assert client.get("/first").data == b"ok"
+        answers: list[Any] = []
+        asking = threading.Thread(target=lambda: answers.append(client.get("/second")))
+        asking.start()
+        asking.join(timeout=10)
+        assert answers, "the second request was still waiting after 10 s"
+        assert (answers[0].status_code, answers[0].data) == (504, b"Gateway Timeout\n")
+        assert len(accepted) == 1  # both went over the kept-alive connection
+    finally:
+        listener.close()
+        for conn in accepted:
+            conn.close()
+        thread.join(timeout=5)
 
 
 def test_connect_timeout_is_504() -> None:
