@@ -9,6 +9,7 @@ nearest address that is not itself a trusted proxy.
 
 from __future__ import annotations
 
+import functools
 import ipaddress
 from collections.abc import Iterable
 from typing import TYPE_CHECKING
@@ -38,8 +39,20 @@ def parse_networks(values: Iterable[str], key: str) -> tuple[Network, ...]:
         raise ConfigError(key, f"expected CIDR networks, {exc}") from None
 
 
-def in_networks(address: str, networks: tuple[Network, ...]) -> bool:
+def in_networks(address: str, networks: Iterable[Network]) -> bool:
     """True if *address* parses and lies in one of *networks* (IPv4-mapped IPv6 counts as IPv4)."""
+    if not isinstance(networks, tuple):
+        networks = tuple(networks)
+    if len(address) > _LONGEST_CACHED:  # no address, or a long scoped one: not worth a cache slot
+        return _in_networks(address, networks)
+    return _in_networks_cached(address, networks)
+
+
+# The longest textual IPv6 address (an IPv4-mapped one) is 45 characters.
+_LONGEST_CACHED = 64
+
+
+def _in_networks(address: str, networks: tuple[Network, ...]) -> bool:
     try:
         ip = ipaddress.ip_address(address)
     except ValueError:
@@ -47,6 +60,11 @@ def in_networks(address: str, networks: tuple[Network, ...]) -> bool:
     if isinstance(ip, ipaddress.IPv6Address) and ip.ipv4_mapped is not None:
         ip = ip.ipv4_mapped
     return any(ip in net for net in networks)
+
+
+# The same few addresses (the tunnel's, a load balancer's) come with every
+# request, and parsing one costs more than the rest of the lookup.
+_in_networks_cached = functools.lru_cache(maxsize=4096)(_in_networks)
 
 
 def client_address(environ: WSGIEnvironment, trusted: tuple[Network, ...], header_key: str) -> str:

@@ -630,6 +630,10 @@ class Proxy:
         return f"http://127.0.0.1:{self.port}"
 
     def logs(self) -> str:
+        """The proxy's output so far. Access lines are written in batches at most
+        0.1 s late (authproxy.logs.BatchingStreamHandler): wait those out first."""
+        if self.process.poll() is None:
+            time.sleep(0.3)
         if not self._log.closed:
             self._log.flush()
         return self.log_path.read_text(errors="replace")

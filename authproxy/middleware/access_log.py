@@ -154,8 +154,7 @@ class AccessLog:
         identity = environ.get(IDENTITY)
         upstream_ms = environ.get(UPSTREAM_MS)
         record.update(
-            time=time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(started))
-            + f".{int(started % 1 * 1000):03d}Z",
+            time=_iso_time(started),
             request_id=environ.get(REQUEST_ID),
             method=environ.get("REQUEST_METHOD"),
             path=path,
@@ -178,6 +177,20 @@ class AccessLog:
         # find the caller, which no access line shows.
         logger = self.logger
         logger.handle(logger.makeRecord(logger.name, logging.INFO, "", 0, line, (), None))
+
+
+_second: tuple[int, str] = (-1, "")
+
+
+def _iso_time(when: float) -> str:
+    """``2026-11-26T01:02:03.456Z``; the part up to the second is made once a second."""
+    global _second
+    whole = int(when)
+    second, text = _second
+    if second != whole:
+        text = time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(whole))
+        _second = (whole, text)
+    return f"{text}.{int(when % 1 * 1000):03d}Z"
 
 
 def _combined(r: dict[str, Any], started: float) -> str:
