@@ -48,9 +48,17 @@ def environ_key(name: str) -> str:
 
 def header_name(key: str) -> str:
     """``HTTP_X_FORWARDED_FOR`` -> ``X-Forwarded-For``."""
-    if key.startswith("HTTP_"):
-        key = key[5:]
-    return key.replace("_", "-").title()
+    name = _names.get(key)
+    if name is None:
+        name = (key[5:] if key.startswith("HTTP_") else key).replace("_", "-").title()
+        # The same few dozen names come with every request; a client's made-up
+        # ones must not grow the table without end.
+        if len(_names) < 1024 and len(key) <= 64:
+            _names[key] = name
+    return name
+
+
+_names: dict[str, str] = {}
 
 
 HOP_BY_HOP_KEYS = frozenset(environ_key(n) for n in HOP_BY_HOP_NAMES)

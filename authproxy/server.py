@@ -12,6 +12,8 @@ from .config import Config
 from .logs import logconfig_dict
 from .pipeline import build_app
 
+_WORKER_CLASSES = {"gthread": "authproxy.workers.ThreadWorker"}
+
 
 def gunicorn_settings(config: Config) -> dict[str, Any]:
     """The gunicorn settings for *config*'s ``[server]`` section."""
@@ -20,7 +22,8 @@ def gunicorn_settings(config: Config) -> dict[str, Any]:
         "bind": [s.listen],
         "workers": s.workers,
         "threads": s.threads,
-        "worker_class": s.worker_class,
+        # authproxy's gthread worker is gunicorn's with a cheaper heartbeat.
+        "worker_class": _WORKER_CLASSES.get(s.worker_class, s.worker_class),
         # gunicorn takes whole seconds here.
         "timeout": max(1, round(s.timeout)),
         "graceful_timeout": max(1, round(s.graceful_timeout)),
