@@ -68,3 +68,82 @@ def test_busy_and_idle_workers_outlive_a_short_timeout(upstream: Any, start_prox
     assert sorted(proxy.worker_pids()) == pids
     assert "WORKER TIMEOUT" not in proxy.logs()
     assert "authproxy.workers.ThreadWorker" in proxy.logs()
+
+
+# -- the response that sends its head with the first body bytes ----------------
+
+
+class Recorder:
+    """A socket whose sendall calls are kept apart; requests are read from *data*."""
+
+    def __init__(self, data: bytes) -> None:
+        self._data = data
+        self.sends: list[bytes] = []
+
+    def recv(self, size: int) -> bytes:
+        chunk, self._data = self._data[:size], self._data[size:]
+        return chunk
+
+    def sendall(self, data: bytes) -> None:
+        self.sends.append(bytes(data))
+
+
+def exchange(
+    request: bytes, status: str, headers: list[tuple[str, str]], pieces: list[bytes]
+) -> Recorder:
+    from gunicorn import http
+    from gunicorn.config import Config
+
+    from authproxy.workers import Response
+
+    sock = Recorder(request)
+    cfg = Config()
+    req = next(http.get_parser(cfg, sock, ("127.0.0.1", 5000)))
+    resp = Response(req, sock, cfg)
+    resp.start_response(status, headers)
+    for piece in pieces:
+        resp.write(piece)
+    resp.close()
+    return sock
+
+
+GET = b"GET / HTTP/1.1\r\nHost: x\r\n\r\n"
+
+
+def test_a_small_answer_leaves_in_one_send() -> None:
+    sock = exchange(GET, "200 OK", [("Content-Length", "5")], [b"hello"])
+    (sent,) = sock.sends
+    head, _, body = sent.partition(b"\r\n\r\n")
+    assert head.startswith(b"HTTP/1.1 200 OK\r\n") and b"\r\nContent-Length: 5" in head
+    assert body == b"hello"
+
+
+def test_later_pieces_follow_on_their_own() -> None:
+    sock = exchange(GET, "200 OK", [("Content-Length", "6")], [b"ab", b"cd", b"ef"])
+    assert [s.partition(b"\r\n\r\n")[2] for s in sock.sends[:1]] == [b"ab"]
+    assert sock.sends[1:] == [b"cd", b"ef"]
+
+
+def test_a_chunked_answer_frames_its_first_piece_behind_the_head() -> None:
+    sock = exchange(GET, "200 OK", [], [b"hello", b"!"])
+    head, _, first = sock.sends[0].partition(b"\r\n\r\n")
+    assert b"Transfer-Encoding: chunked" in head
+    assert first == b"5\r\nhello\r\n"
+    assert sock.sends[1:] == [b"1\r\n!\r\n", b"0\r\n\r\n"]
+
+
+@pytest.mark.parametrize(
+    ("request_", "status", "pieces"),
+    [
+        (b"HEAD / HTTP/1.1\r\nHost: x\r\n\r\n", "200 OK", [b"dropped"]),
+        (GET, "204 No Content", []),
+        (GET, "200 OK", [b""]),
+    ],
+)
+def test_an_answer_without_body_bytes_still_sends_its_head(
+    request_: bytes, status: str, pieces: list[bytes]
+) -> None:
+    headers = [("Content-Length", "0")] if status.startswith("200") and request_ == GET else []
+    sock = exchange(request_, status, headers, pieces)
+    (head,) = sock.sends
+    assert head.startswith(f"HTTP/1.1 {status}\r\n".encode()) and head.endswith(b"\r\n\r\n")
