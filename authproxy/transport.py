@@ -150,13 +150,41 @@ class Response:
 
     # -- reading -------------------------------------------------------------
 
-    def _feed(self) -> bool:
-        """Read from the socket into the parser; False at end of stream."""
-        data = self._sock.recv(self._recv_size)
-        if not data:
-            return False
-        self._parse(data)
-        return True
+    def _read(self, size: int) -> bytes:
+        """One read of the body; b"" at the end of the stream.
+
+        Waits through *before_read* (whose errors pass through unchanged) only
+        when the read would block; a socket error drops the connection and
+        becomes an upstream error.
+        """
+        try:
+            data = self._recv_ready(size)
+        except OSError as exc:
+            self.close()
+            raise _body_error(exc) from exc
+        if data is not None:
+            return data
+        if self.before_read is not None:
+            self.before_read()
+        try:
+            return self._sock.recv(size)
+        except OSError as exc:
+            self.close()
+            raise _body_error(exc) from exc
+
+    def _recv_ready(self, size: int) -> bytes | None:
+        """What a read finds without waiting, or None if it would have to wait.
+
+        While bytes keep coming, *before_read* (a selector watching the client
+        too) is not needed: only a read that would block waits through it.
+        Plain sockets only; others always go through *before_read*.
+        """
+        if self.before_read is None or type(self._sock) is not _PLAIN_SOCKET:
+            return None
+        try:
+            return self._sock.recv(size, socket.MSG_DONTWAIT)
+        except BlockingIOError:
+            return None
 
     def _parse(self, data: bytes) -> None:
         try:
@@ -222,15 +250,9 @@ class Response:
         if self._pending:
             yield self.take()
         remaining = length - self._received
-        recv, size = self._sock.recv, self._recv_size
+        size = self._recv_size
         while remaining > 0:
-            if self.before_read is not None:
-                self.before_read()
-            try:
-                data = recv(remaining if remaining < size else size)
-            except OSError as exc:
-                self.close()
-                raise _body_error(exc) from exc
+            data = self._read(remaining if remaining < size else size)
             if not data:
                 self.close()
                 raise UpstreamProtocolError("upstream closed the connection mid-body")
@@ -252,17 +274,14 @@ class Response:
             if self._complete:
                 self.release()
                 return
-            if self.before_read is not None:
-                self.before_read()
-            try:
-                more = self._feed()
-            except httptools.HttpParserError as exc:
-                self.close()
-                raise UpstreamProtocolError(f"malformed body from upstream: {exc}") from exc
-            except OSError as exc:
-                self.close()
-                raise _body_error(exc) from exc
-            if not more:
+            data = self._read(self._recv_size)
+            if data:
+                try:
+                    self._parse(data)
+                except httptools.HttpParserError as exc:
+                    self.close()
+                    raise UpstreamProtocolError(f"malformed body from upstream: {exc}") from exc
+            else:
                 if self._close_delimited:  # the end of the stream is the end of the body
                     self._complete = True
                     continue
