@@ -3,22 +3,25 @@
 from __future__ import annotations
 
 import time
+from email.utils import formatdate
 
 from gunicorn.http import wsgi
 from gunicorn.workers.gthread import ThreadWorker as _GunicornThreadWorker
 
 
 class ThreadWorker(_GunicornThreadWorker):  # type: ignore[misc]
-    """gunicorn's gthread worker, with a heartbeat that costs nothing per request.
+    """gunicorn's gthread worker, with housekeeping that is not per request.
 
-    gunicorn's worker touches its heartbeat file (a ``utime`` system call) on
-    every turn of its event loop, which under load is every request or two.
-    The arbiter only needs to hear from a worker within ``timeout`` seconds:
-    this one touches the file at most every quarter of that, and at least once
-    a second.
+    gunicorn's worker touches its heartbeat file (a ``utime`` system call) and
+    asks whether its parent changed on every turn of its event loop, which
+    under load is every request or two. The arbiter only needs to hear from a
+    worker within ``timeout`` seconds: this one touches the file at most every
+    quarter of that and at least once a second, and looks for its parent once
+    a second. Its responses are :class:`Response`.
     """
 
     _last_notify = float("-inf")
+    _last_parent_check = float("-inf")
 
     def init_process(self) -> None:
         # gunicorn's wsgi.create() looks its response class up at call time.
@@ -30,6 +33,13 @@ class ThreadWorker(_GunicornThreadWorker):  # type: ignore[misc]
         if now - self._last_notify >= min(1.0, self.timeout / 4):
             self._last_notify = now
             super().notify()
+
+    def is_parent_alive(self) -> bool:
+        now = time.monotonic()
+        if now - self._last_parent_check < 1.0:
+            return True
+        self._last_parent_check = now
+        return bool(super().is_parent_alive())
 
 
 class Response(wsgi.Response):  # type: ignore[misc]
@@ -43,6 +53,25 @@ class Response(wsgi.Response):  # type: ignore[misc]
     headers_sent: bool
     _head = b""
     _joining = False
+
+    def default_headers(self) -> list[str]:
+        # gunicorn's, with the Date made once a second rather than per response.
+        if self.upgrade:
+            connection = "upgrade"
+        elif self.should_close():
+            connection = "close"
+        else:
+            connection = "keep-alive"
+        major, minor = self.req.version
+        headers = [
+            f"HTTP/{major}.{minor} {self.status}\r\n",
+            f"Server: {self.version}\r\n",
+            f"Date: {_http_date()}\r\n",
+            f"Connection: {connection}\r\n",
+        ]
+        if self.chunked:
+            headers.append("Transfer-Encoding: chunked\r\n")
+        return headers
 
     def send_headers(self) -> None:
         if self.headers_sent:
@@ -73,3 +102,17 @@ class Response(wsgi.Response):  # type: ignore[misc]
             self.sock.sendall(b"%s%X\r\n%s\r\n" % (head, len(data), data))
         else:
             self.sock.sendall(head + data)
+
+
+_date: tuple[int, str] = (-1, "")
+
+
+def _http_date() -> str:
+    """``Wed, 25 Nov 2026 10:00:00 GMT``, made once a second."""
+    global _date
+    now = int(time.time())
+    second, text = _date
+    if second != now:
+        text = formatdate(now, usegmt=True)
+        _date = (now, text)
+    return text

@@ -147,3 +147,45 @@ def test_an_answer_without_body_bytes_still_sends_its_head(
     sock = exchange(request_, status, headers, pieces)
     (head,) = sock.sends
     assert head.startswith(f"HTTP/1.1 {status}\r\n".encode()) and head.endswith(b"\r\n\r\n")
+
+
+@pytest.mark.parametrize(
+    ("request_", "status", "headers"),
+    [
+        (GET, "200 OK", [("Content-Length", "1")]),
+        (GET, "200 OK", []),  # chunked
+        (b"GET / HTTP/1.0\r\n\r\n", "200 OK", []),  # close-delimited
+        (b"GET / HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n", "404 Not Found", []),
+    ],
+)
+def test_the_head_is_gunicorns_own(
+    request_: bytes, status: str, headers: list[tuple[str, str]]
+) -> None:
+    """Same status line, Server, Date, Connection and framing as gunicorn's."""
+    from gunicorn import http
+    from gunicorn.config import Config
+    from gunicorn.http import wsgi
+
+    from authproxy.workers import Response
+
+    cfg = Config()
+    heads = []
+    for cls in (wsgi.Response, Response):
+        req = next(http.get_parser(cfg, Recorder(request_), ("127.0.0.1", 5000)))
+        resp = cls(req, Recorder(b""), cfg)
+        resp.start_response(status, list(headers))
+        heads.append(resp.default_headers())
+    assert heads[0] == heads[1]
+
+
+def test_the_parent_is_looked_for_once_a_second(monkeypatch: pytest.MonkeyPatch) -> None:
+    now = [1000.0]
+    monkeypatch.setattr(time, "monotonic", lambda: now[0])
+    w = worker(timeout=15)
+    w.ppid = -1  # not our parent: gunicorn's check says it changed
+    w.log = type("Log", (), {"info": lambda *a: None})()
+    assert w.is_parent_alive() is False
+    now[0] += 0.5
+    assert w.is_parent_alive() is True  # not asked again yet
+    now[0] += 0.6
+    assert w.is_parent_alive() is False
