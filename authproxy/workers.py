@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import ctypes
 import time
+from collections.abc import Callable
 from email.utils import formatdate
 
 from gunicorn.http import wsgi
@@ -18,6 +20,11 @@ class ThreadWorker(_GunicornThreadWorker):  # type: ignore[misc]
     worker within ``timeout`` seconds: this one touches the file at most every
     quarter of that and at least once a second, and looks for its parent once
     a second. Its responses are :class:`Response`.
+
+    With each heartbeat (glibc only) it also hands memory that its threads'
+    malloc arenas hold free back to the system (``malloc_trim``): each thread
+    gets an arena of its own, and bodies passing through in pieces of varying
+    size leave them full of free pages, adding up to several MiB per thread.
     """
 
     _last_notify = float("-inf")
@@ -33,6 +40,8 @@ class ThreadWorker(_GunicornThreadWorker):  # type: ignore[misc]
         if now - self._last_notify >= min(1.0, self.timeout / 4):
             self._last_notify = now
             super().notify()
+            if _malloc_trim is not None:
+                _malloc_trim(0)
 
     def is_parent_alive(self) -> bool:
         now = time.monotonic()
@@ -116,3 +125,14 @@ def _http_date() -> str:
         text = formatdate(now, usegmt=True)
         _date = (now, text)
     return text
+
+
+def _find_malloc_trim() -> Callable[[int], int] | None:
+    try:
+        trim: Callable[[int], int] = ctypes.CDLL(None).malloc_trim
+        return trim
+    except (OSError, AttributeError):  # not glibc (musl, macOS)
+        return None
+
+
+_malloc_trim = _find_malloc_trim()

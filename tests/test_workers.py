@@ -43,6 +43,37 @@ def test_the_heartbeat_is_touched_at_most_once_a_second(monkeypatch: pytest.Monk
     assert w.tmp.count == 2
 
 
+def test_free_memory_goes_back_with_the_heartbeat(monkeypatch: pytest.MonkeyPatch) -> None:
+    from authproxy import workers
+
+    trims: list[int] = []
+
+    def trim(pad: int) -> int:
+        trims.append(pad)
+        return 1
+
+    monkeypatch.setattr(workers, "_malloc_trim", trim)
+    now = [1000.0]
+    monkeypatch.setattr(time, "monotonic", lambda: now[0])
+    w = worker(timeout=15)
+    for _ in range(50):
+        w.notify()
+    now[0] += 1.1
+    w.notify()
+    assert trims == [0, 0] and w.tmp.count == 2
+
+
+def test_malloc_trim_is_found_on_glibc() -> None:
+    import platform
+
+    from authproxy import workers
+
+    if platform.libc_ver()[0] != "glibc":
+        pytest.skip("malloc_trim is glibc's")
+    assert workers._malloc_trim is not None
+    assert workers._malloc_trim(0) in (0, 1)
+
+
 def test_a_short_timeout_gets_a_faster_heartbeat(monkeypatch: pytest.MonkeyPatch) -> None:
     now = [1000.0]
     monkeypatch.setattr(time, "monotonic", lambda: now[0])
