@@ -6,8 +6,10 @@ import ctypes
 import time
 from collections.abc import Callable
 from email.utils import formatdate
+from typing import Any
 
 from gunicorn.http import wsgi
+from gunicorn.http.body import LengthReader
 from gunicorn.workers.gthread import ThreadWorker as _GunicornThreadWorker
 
 
@@ -42,6 +44,14 @@ class ThreadWorker(_GunicornThreadWorker):  # type: ignore[misc]
             super().notify()
             if _malloc_trim is not None:
                 _malloc_trim(0)
+
+    def _keepalive_after(self, conn: Any, keepalive: bool) -> bool:
+        # gunicorn drains what the application left of the request body under
+        # a timeout, setting and restoring it (two system calls) even when the
+        # body is empty or was read to its end, as for nearly every request.
+        if keepalive and _body_read(conn.parser.mesg):
+            return True
+        return bool(super()._keepalive_after(conn, keepalive))
 
     def is_parent_alive(self) -> bool:
         now = time.monotonic()
@@ -136,3 +146,15 @@ def _find_malloc_trim() -> Callable[[int], int] | None:
 
 
 _malloc_trim = _find_malloc_trim()
+
+
+def _body_read(message: Any) -> bool:
+    """True if the request body was empty or read to its end: nothing to drain."""
+    body: Any = getattr(message, "body", None)
+    reader: Any = getattr(body, "reader", None)
+    return (
+        type(reader) is LengthReader
+        and reader.length == 0
+        and not body.failed
+        and body.buf.tell() == 0
+    )

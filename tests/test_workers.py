@@ -220,3 +220,26 @@ def test_the_parent_is_looked_for_once_a_second(monkeypatch: pytest.MonkeyPatch)
     assert w.is_parent_alive() is True  # not asked again yet
     now[0] += 0.6
     assert w.is_parent_alive() is False
+
+
+@pytest.mark.parametrize(
+    ("request_", "read", "drained"),
+    [
+        (GET, 0, True),  # no body at all
+        (b"POST / HTTP/1.1\r\nHost: x\r\nContent-Length: 5\r\n\r\nhello", 5, True),
+        (b"POST / HTTP/1.1\r\nHost: x\r\nContent-Length: 5\r\n\r\nhello", 2, False),
+        (b"POST / HTTP/1.1\r\nHost: x\r\nTransfer-Encoding: chunked\r\n\r\n0\r\n\r\n", 0, False),
+    ],
+)
+def test_only_a_body_left_unread_needs_draining(request_: bytes, read: int, drained: bool) -> None:
+    """gunicorn's drain (with its timeout juggling) is skipped only when there
+    is certainly nothing left; a chunked body always goes through it."""
+    from gunicorn import http
+    from gunicorn.config import Config
+
+    from authproxy.workers import _body_read
+
+    req = next(http.get_parser(Config(), Recorder(request_), ("127.0.0.1", 5000)))
+    if read:
+        assert len(req.body.read(read)) == read
+    assert _body_read(req) is drained
