@@ -45,6 +45,9 @@ class ServerConfig:
     #: addresses whose X-Forwarded-Proto gunicorn believes.
     forwarded_allow_ips: str = "127.0.0.1,::1"
     log_level: str = "info"
+    #: a listening socket per worker (SO_REUSEPORT), so the kernel spreads new
+    #: connections over the workers instead of the first to wake taking most.
+    reuse_port: bool = True
 
 
 @dataclass(frozen=True)

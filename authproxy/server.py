@@ -29,6 +29,8 @@ def gunicorn_settings(config: Config) -> dict[str, Any]:
         "graceful_timeout": max(1, round(s.graceful_timeout)),
         "keepalive": max(0, round(s.keepalive)),
         "forwarded_allow_ips": s.forwarded_allow_ips,
+        # Workers binding one Unix socket path would unlink each other's.
+        "reuse_port": s.reuse_port and not s.listen.startswith("unix:"),
         "accesslog": None,  # the pipeline's access-log step writes the access log
         "logger_class": "authproxy.server.GunicornLogger",
         "errorlog": "-",

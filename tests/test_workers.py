@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import time
 from typing import Any
 
@@ -243,3 +244,48 @@ def test_only_a_body_left_unread_needs_draining(request_: bytes, read: int, drai
     if read:
         assert len(req.body.read(read)) == read
     assert _body_read(req) is drained
+
+
+def _sockets_per_worker(pids: list[int], port: int, state: str) -> list[set[str]]:
+    """The socket inodes on *port* in TCP *state* ("01" established, "0A" listening)
+    that each process holds, from /proc."""
+    inodes = set()
+    for table in ("/proc/net/tcp", "/proc/net/tcp6"):
+        with open(table) as f:
+            for row in f.readlines()[1:]:
+                fields = row.split()
+                if int(fields[1].rsplit(":", 1)[1], 16) == port and fields[3] == state:
+                    inodes.add(fields[9])
+    held = []
+    for pid in pids:
+        mine = set()
+        for fd in os.listdir(f"/proc/{pid}/fd"):
+            try:
+                target = os.readlink(f"/proc/{pid}/fd/{fd}")
+            except OSError:
+                continue
+            if target.startswith("socket:[") and target[8:-1] in inodes:
+                mine.add(target[8:-1])
+        held.append(mine)
+    return held
+
+
+def test_connections_are_spread_over_the_workers(upstream: Any, start_proxy: Any) -> None:
+    """Each worker has a listening socket of its own (SO_REUSEPORT): the kernel
+    spreads connections, rather than the first worker to wake taking most."""
+    config = bearer_config(upstream)
+    config["server"] = {"workers": 2, "threads": 4}
+    proxy = start_proxy(config)
+    sessions = [requests.Session() for _ in range(40)]
+    try:
+        for session in sessions:
+            assert session.get(proxy.url + "/", timeout=10).status_code == 200
+        pids = proxy.worker_pids()
+        listening = _sockets_per_worker(pids, proxy.port, "0A")
+        assert all(len(s) == 1 for s in listening) and len(set.union(*listening)) == 2
+        counts = [len(s) for s in _sockets_per_worker(pids, proxy.port, "01")]
+        assert sum(counts) == 40, counts
+        assert min(counts) >= 8, f"connections per worker: {counts}"
+    finally:
+        for session in sessions:
+            session.close()
