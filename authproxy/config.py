@@ -46,8 +46,9 @@ class ServerConfig:
     forwarded_allow_ips: str = "127.0.0.1,::1"
     log_level: str = "info"
     #: a listening socket per worker (SO_REUSEPORT), so the kernel spreads new
-    #: connections over the workers instead of the first to wake taking most.
-    reuse_port: bool = True
+    #: connections over the workers instead of the first to wake taking most;
+    #: off by default: connections queued at a stalled worker wait for it.
+    reuse_port: bool = False
 
 
 @dataclass(frozen=True)

@@ -274,7 +274,7 @@ def test_connections_are_spread_over_the_workers(upstream: Any, start_proxy: Any
     """Each worker has a listening socket of its own (SO_REUSEPORT): the kernel
     spreads connections, rather than the first worker to wake taking most."""
     config = bearer_config(upstream)
-    config["server"] = {"workers": 2, "threads": 4}
+    config["server"] = {"workers": 2, "threads": 4, "reuse_port": True}
     proxy = start_proxy(config)
     sessions = [requests.Session() for _ in range(40)]
     try:

@@ -14,7 +14,7 @@
 #                send headers (the peers' harness)
 #
 # Settings from the environment: AP_WORKERS, AP_THREADS, AP_WORKER_CLASS,
-# AP_KEEPALIVE, AP_LOG_LEVEL, AP_CERTS_URL, AP_TEAM_DOMAIN, AP_AUDIENCE,
+# AP_KEEPALIVE, AP_REUSE_PORT (true), AP_LOG_LEVEL, AP_CERTS_URL, AP_TEAM_DOMAIN, AP_AUDIENCE,
 # AP_TOKEN_FILE (selftoken only). The injected credential comes from
 # $DASHBOARD_TOKEN at start-up (the same variable as the Go program's).
 
@@ -32,6 +32,7 @@ write_config() {
         echo "threads = ${AP_THREADS:-8}"
         echo "worker_class = \"${AP_WORKER_CLASS:-gthread}\""
         echo "keepalive = ${AP_KEEPALIVE:-75}"
+        echo "reuse_port = ${AP_REUSE_PORT:-true}"
         echo "graceful_timeout = 5"
         echo "log_level = \"${AP_LOG_LEVEL:-info}\""
         echo
