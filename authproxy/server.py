@@ -22,7 +22,7 @@ def gunicorn_settings(config: Config) -> dict[str, Any]:
         "bind": [s.listen],
         "workers": s.workers,
         "threads": s.threads,
-        # authproxy's gthread worker is gunicorn's with a cheaper heartbeat.
+        # authproxy.workers.ThreadWorker: gunicorn's gthread, lighter per request.
         "worker_class": _WORKER_CLASSES.get(s.worker_class, s.worker_class),
         # gunicorn takes whole seconds here.
         "timeout": max(1, round(s.timeout)),

@@ -7,6 +7,7 @@ import io
 import logging
 import socket
 import threading
+import time
 from collections.abc import Iterator
 from typing import Any
 
@@ -345,3 +346,33 @@ def test_ambiguous_framing_is_a_502(answer: bytes) -> None:
     finally:
         thread.join(10)
         listener.close()
+
+
+def _streamed_response(sock: socket.socket, waits: list[int]) -> Any:
+    from types import SimpleNamespace
+
+    from authproxy.transport import Response
+
+    response = Response(SimpleNamespace(sock=sock), None, False, 65536)
+    response.read_head()
+    response.before_read = lambda: waits.append(1)
+    return response
+
+
+def test_a_streamed_body_waits_through_before_read_only_when_it_must() -> None:
+    """Bytes already there are read at once; before_read (the selector that also
+    watches the client) runs only for a read that would block."""
+    upstream, proxy_side = socket.socketpair()
+    try:
+        upstream.sendall(b"HTTP/1.1 200 OK\r\nContent-Length: 10\r\n\r\n")
+        waits: list[int] = []
+        response = _streamed_response(proxy_side, waits)
+        body = iter(response)
+        upstream.sendall(b"12345")
+        time.sleep(0.05)
+        assert next(body) == b"12345" and waits == []  # it was there: no wait
+        threading.Timer(0.2, upstream.sendall, args=(b"67890",)).start()
+        assert next(body) == b"67890" and waits == [1]  # it was not: one wait
+    finally:
+        upstream.close()
+        proxy_side.close()
