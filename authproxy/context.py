@@ -199,10 +199,21 @@ class CountedBody:
         self._done = False
 
     def __iter__(self) -> Iterator[bytes]:
+        return self._count(self._body, len)
+
+    @property
+    def splice_to(self) -> Callable[[Any], Iterator[int]] | None:
+        """The body's own ``splice_to`` (a server moving it socket to socket), counted."""
+        splice_to = getattr(self._body, "splice_to", None)
+        if splice_to is None:
+            return None
+        return lambda sock: self._count(splice_to(sock), int)
+
+    def _count(self, pieces: Iterable[Any], size: Callable[[Any], int]) -> Iterator[Any]:
         try:
-            for chunk in self._body:
-                self._sent += len(chunk)
-                yield chunk
+            for piece in pieces:
+                self._sent += size(piece)
+                yield piece
         except GeneratorExit:
             raise
         except BaseException as exc:

@@ -15,7 +15,7 @@ import socket
 import threading
 import time
 import warnings
-from collections.abc import Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from typing import TYPE_CHECKING, Any
 from urllib.parse import quote, urlsplit
 
@@ -413,6 +413,12 @@ class _Stream:
 
     def __iter__(self) -> Iterator[bytes]:
         return iter(self._response)
+
+    @property
+    def splice_to(self) -> Callable[[socket.socket], Iterator[int]] | None:
+        """What moves the body to the client's socket inside the kernel, when it can
+        (see :meth:`~authproxy.transport.Response.splice_to`); None otherwise."""
+        return self._response.splice_to if self._response.can_splice() else None
 
     def close(self) -> None:
         if self._wait is not None:

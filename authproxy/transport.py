@@ -13,7 +13,10 @@ and both sides agreed to keep it alive.
 
 from __future__ import annotations
 
+import fcntl
+import os
 import re
+import select
 import socket
 import struct
 from collections.abc import Callable, Iterable, Iterator
@@ -25,6 +28,11 @@ import httptools
 from .errors import UpstreamConnectError, UpstreamProtocolError, UpstreamTimeout
 
 _HEAD_RECV = 64 * 1024
+#: os.splice (Linux, Python 3.10+): a counted body can move socket to socket
+#: inside the kernel (Response.splice_to).
+_SPLICE = getattr(os, "splice", None)
+#: The most one splice moves; the pipe between the sockets is grown to it.
+SPLICE_SIZE = 1024 * 1024
 #: Sockets whose timeouts can live in the kernel (see _set_timeouts); captured
 #: at import, so a gevent-patched socket class is not among them.
 _PLAIN_SOCKET = socket.socket
@@ -62,11 +70,19 @@ class Response:
         "_keep_alive",
         "_received",
         "_recv_size",
+        "_timeout",
         "before_read",
         "upgraded",
     )
 
-    def __init__(self, conn: Any, pool: Any, no_body: bool, recv_size: int) -> None:
+    def __init__(
+        self,
+        conn: Any,
+        pool: Any,
+        no_body: bool,
+        recv_size: int,
+        read_timeout: float | None = None,
+    ) -> None:
         self.status = 0
         self.reason = ""
         self.headers: list[tuple[str, str]] = []
@@ -84,6 +100,7 @@ class Response:
         self._keep_alive = False
         self._received = 0
         self._recv_size = recv_size
+        self._timeout = read_timeout
         #: Called before each blocking read of the body (e.g. to watch the client).
         self.before_read: Callable[[], None] | None = None
         #: After a ``101``: the bytes that came behind its head (the new protocol's).
@@ -288,6 +305,78 @@ class Response:
                 self.close()
                 raise UpstreamProtocolError("upstream closed the connection mid-body")
 
+    # -- socket to socket --------------------------------------------------------
+
+    def can_splice(self) -> bool:
+        """True if the rest of the body can go to a socket through :meth:`splice_to`:
+        a declared length, a plain (not TLS) socket, and a kernel that splices."""
+        return (
+            _SPLICE is not None
+            and self.length is not None
+            and not self._complete
+            and type(self._sock) is _PLAIN_SOCKET
+        )
+
+    def splice_to(self, client: socket.socket) -> Iterator[int]:
+        """Move the rest of the body to *client* inside the kernel; yield the bytes of each move.
+
+        For a body with a declared length (see :meth:`can_splice`). The bytes go
+        from the upstream socket through a pipe to *client* (``splice(2)``) and
+        never become Python objects: no copies in and out, one pass of the
+        interpreter per megabyte. Each move passes on what has arrived, so a
+        slow body flows as it comes. The waiting is iteration's: *before_read*
+        when the upstream is quiet, then at most the read timeout. Upstream
+        failures end it as upstream errors; errors writing to *client* pass
+        through unchanged. The connection is released once the body is read.
+        """
+        assert _SPLICE is not None and self.length is not None
+        if self._pending:
+            data = self.take()
+            client.sendall(data)
+            yield len(data)
+        remaining = self.length - self._received
+        upstream = self._sock
+        read_end, write_end = os.pipe()
+        try:
+            _grow_pipe(write_end)
+            upstream.setblocking(False)  # a read takes what is there, never waits for more
+            source, sink = upstream.fileno(), client.fileno()
+            while remaining > 0:
+                try:
+                    moved = _SPLICE(source, write_end, min(remaining, SPLICE_SIZE))
+                except BlockingIOError:
+                    self._wait_for_upstream()
+                    continue
+                except OSError as exc:
+                    self.close()
+                    raise _body_error(exc) from exc
+                if not moved:
+                    self.close()
+                    raise UpstreamProtocolError("upstream closed the connection mid-body")
+                remaining -= moved
+                self._received += moved
+                left = moved
+                while left:
+                    left -= _SPLICE(read_end, sink, left)
+                yield moved
+            self._complete = True
+        finally:
+            os.close(read_end)
+            os.close(write_end)
+            if upstream.fileno() != -1:
+                upstream.setblocking(True)
+        self.release()
+
+    def _wait_for_upstream(self) -> None:
+        if self.before_read is not None:
+            self.before_read()  # watches the client too
+        poller = select.poll()
+        poller.register(self._sock, select.POLLIN)
+        timeout = None if self._timeout is None else self._timeout * 1000
+        if not poller.poll(timeout):
+            self.close()
+            raise UpstreamTimeout("upstream stalled mid-body")
+
     # -- the connection --------------------------------------------------------
 
     def release(self) -> None:
@@ -403,7 +492,7 @@ class Transport:
                 _set_timeouts(conn.sock, self.read_timeout)
             elif type(sock) is not _PLAIN_SOCKET:
                 sock.settimeout(self.read_timeout)
-            response = Response(conn, pool, method == "HEAD", self.recv_size)
+            response = Response(conn, pool, method == "HEAD", self.recv_size, self.read_timeout)
             _write(conn.sock, head, body, chunked)
             response.read_head()
             return response
@@ -437,6 +526,14 @@ def _set_timeouts(sock: socket.socket, timeout: float | None) -> None:
     tv = struct.pack("@ll", seconds, int((timeout - seconds) * 1e6))
     sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVTIMEO, tv)
     sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDTIMEO, tv)
+
+
+def _grow_pipe(fd: int) -> None:
+    """Let a pipe hold SPLICE_SIZE bytes (fewer, larger moves); its default is 64 KiB."""
+    try:
+        fcntl.fcntl(fd, fcntl.F_SETPIPE_SZ, SPLICE_SIZE)
+    except (OSError, AttributeError):  # over the user's pipe quota: the default will do
+        pass
 
 
 def _timed_out(exc: BaseException) -> bool:

@@ -3,8 +3,9 @@
 from __future__ import annotations
 
 import ctypes
+import socket
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterable, Iterator
 from email.utils import formatdate
 from typing import Any
 
@@ -23,6 +24,11 @@ class ThreadWorker(_GunicornThreadWorker):  # type: ignore[misc]
     quarter of that and at least once a second, and looks for its parent once
     a second. Its responses are :class:`Response`.
 
+    A response body that offers ``splice_to`` (a large upstream body with a
+    declared length, from a plain-TCP upstream) goes from the upstream's socket
+    to the client's inside the kernel (``splice(2)``), unless the client
+    connection is TLS or gunicorn's ``sendfile`` setting is off.
+
     With each heartbeat (glibc only) it also hands memory that its threads'
     malloc arenas hold free back to the system (``malloc_trim``): each thread
     gets an arena of its own, and bodies passing through in pieces of varying
@@ -31,11 +37,16 @@ class ThreadWorker(_GunicornThreadWorker):  # type: ignore[misc]
 
     _last_notify = float("-inf")
     _last_parent_check = float("-inf")
+    wsgi: Callable[..., Iterable[bytes]]
 
     def init_process(self) -> None:
         # gunicorn's wsgi.create() looks its response class up at call time.
         wsgi.Response = Response
         super().init_process()
+
+    def load_wsgi(self) -> None:
+        super().load_wsgi()
+        self.wsgi = _offering_splice(self.wsgi)
 
     def notify(self) -> None:
         now = time.monotonic()
@@ -113,6 +124,30 @@ class Response(wsgi.Response):  # type: ignore[misc]
                 head, self._head = self._head, b""
                 self.sock.sendall(head)
 
+    def sendfile(self, respiter: Any) -> bool:
+        # A body that can move socket to socket (see _offering_splice), when
+        # its bytes go to the client as they are: a declared length, no TLS.
+        if not isinstance(respiter, _Spliceable):
+            return bool(super().sendfile(respiter))
+        if (
+            self.cfg.is_ssl
+            or not self.can_sendfile()
+            or self.chunked
+            or self.response_length is None
+            or self._omits_body
+        ):
+            return False
+        self._joining = True
+        try:
+            self.send_headers()
+        finally:
+            self._joining = False
+        head, self._head = self._head, b""
+        self.sock.sendall(head, socket.MSG_MORE)  # out with the first body bytes
+        for moved in respiter.splice_to(self.sock):
+            self.sent += moved
+        return True
+
     def _emit_body(self, data: bytes) -> None:
         head, self._head = self._head, b""
         if not head:
@@ -121,6 +156,42 @@ class Response(wsgi.Response):  # type: ignore[misc]
             self.sock.sendall(b"%s%X\r\n%s\r\n" % (head, len(data), data))
         else:
             self.sock.sendall(head + data)
+
+
+class _Spliceable(wsgi.FileWrapper):  # type: ignore[misc]
+    """A response body with a ``splice_to``, marked for :meth:`Response.sendfile`.
+
+    gunicorn hands a body to ``sendfile`` only when it is its
+    ``wsgi.file_wrapper``; iterated, it is the body as the app returned it.
+    """
+
+    def __init__(self, body: Iterable[bytes], splice_to: Callable[[Any], Iterator[int]]) -> None:
+        self.body = body
+        self.splice_to = splice_to
+
+    def __iter__(self) -> Iterator[bytes]:
+        return iter(self.body)
+
+    def close(self) -> None:
+        close = getattr(self.body, "close", None)
+        if close is not None:
+            close()
+
+
+def _offering_splice(app: Callable[..., Iterable[bytes]]) -> Callable[..., Iterable[bytes]]:
+    """*app*, with bodies that can move socket to socket marked for the worker.
+
+    A body offers it with a ``splice_to`` attribute (not None): a callable that
+    takes the client's socket, moves the body there, and yields the bytes of
+    each move (:meth:`authproxy.transport.Response.splice_to`).
+    """
+
+    def serve(environ: Any, start_response: Any) -> Iterable[bytes]:
+        body = app(environ, start_response)
+        splice_to = getattr(body, "splice_to", None)
+        return body if splice_to is None else _Spliceable(body, splice_to)
+
+    return serve
 
 
 _date: tuple[int, str] = (-1, "")

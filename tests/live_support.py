@@ -183,7 +183,8 @@ class LiveUpstream:
         """Two pieces; the second only once the test opened gate ``id``.
 
         ``type`` is the Content-Type; ``close=1`` answers HTTP/1.0 style (no
-        length, no chunking: the body ends when the connection does).
+        length, no chunking: the body ends when the connection does);
+        ``counted=1`` declares the body's length (``prelude=N`` makes it long).
         """
         name = args["id"]
         first, second = args.get("first", "data: one\n\n"), args.get("second", "data: two\n\n")
@@ -203,7 +204,10 @@ class LiveUpstream:
             sock.sendall(second.encode())
             sock.shutdown(socket.SHUT_RDWR)
             return _Dropped()
-        start_response("200 OK", [("Content-Type", content_type), ("Cache-Control", "no-cache")])
+        headers = [("Content-Type", content_type), ("Cache-Control", "no-cache")]
+        if args.get("counted"):
+            headers.append(("Content-Length", str(len(prelude) + len(first) + len(second))))
+        start_response("200 OK", headers)
 
         def body() -> Iterator[bytes]:
             yield prelude + first.encode()
@@ -243,13 +247,19 @@ class LiveUpstream:
 
     def route_quiet(self, environ: Env, start_response: Any, args: Args) -> Any:
         """One event, then silence (``chatty=1``: a comment every 0.2 s) until the
-        proxy closes the connection, which is noted as ``gone:<id>``."""
+        proxy closes the connection, which is noted as ``gone:<id>``.
+        ``counted=1`` declares a length (over the small-body limit)."""
         name, chatty = args["id"], bool(args.get("chatty"))
         sock: socket.socket = environ["werkzeug.socket"]
-        start_response("200 OK", [("Content-Type", "text/event-stream")])
+        headers = [("Content-Type", "text/event-stream")]
+        first = b"data: hello\n\n"
+        if args.get("counted"):  # a long declared length, most of it never sent
+            first += b":" * 100_000 + b"\n\n"
+            headers.append(("Content-Length", str(10 * len(first))))
+        start_response("200 OK", headers)
 
         def body() -> Iterator[bytes]:
-            yield b"data: hello\n\n"
+            yield first
             deadline = time.monotonic() + PATIENCE
             with selectors.DefaultSelector() as selector:
                 selector.register(sock, selectors.EVENT_READ)

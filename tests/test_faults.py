@@ -352,6 +352,9 @@ def test_a_100_gib_length_that_closes_early_aborts_without_buffering(
     assert set(body) == {ord("h")}
     assert (rss_kib(worker) - before) < 32 * 1024
     assert get_raw(proxy, "/ok").status == 200
+    # Counted as it went (socket to socket under gthread), and marked as cut short.
+    (line,) = [r for r in proxy.access_lines() if r.get("path") == "/huge-length"]
+    assert line["bytes"] == 1 << 20 and line["aborted"] == "UpstreamProtocolError"
 
 
 def test_unsolicited_bytes_on_a_parked_connection_never_answer_the_next_request(

@@ -289,3 +289,103 @@ def test_connections_are_spread_over_the_workers(upstream: Any, start_proxy: Any
     finally:
         for session in sessions:
             session.close()
+
+
+# -- bodies moved socket to socket ------------------------------------------------
+
+
+class Untouchable:
+    """A body that must not be iterated: it went by splice_to."""
+
+    closed = False
+
+    def __iter__(self) -> Any:
+        raise AssertionError("iterated")
+
+    def close(self) -> None:
+        self.closed = True
+
+
+def splice_exchange(
+    headers: list[tuple[str, str]], body: Any, *, is_ssl: bool = False
+) -> tuple[bytes, Any]:
+    """Serve *body* (a _Spliceable) on a real socket pair; returns what the client got."""
+    import socket
+
+    from gunicorn import http
+    from gunicorn.config import Config
+
+    from authproxy.workers import Response
+
+    cfg = Config()
+    if is_ssl:
+        cfg.set("certfile", "cert.pem")
+        cfg.set("keyfile", "key.pem")
+    client, server_side = socket.socketpair()
+    with client, server_side:
+        req = next(http.get_parser(cfg, Recorder(GET), ("127.0.0.1", 5000)))
+        resp = Response(req, server_side, cfg)
+        resp.start_response("200 OK", headers)
+        resp.write_file(body)
+        resp.close()
+        server_side.shutdown(socket.SHUT_WR)
+        received = b""
+        while piece := client.recv(65536):
+            received += piece
+    return received, resp
+
+
+def test_a_body_that_can_splice_goes_socket_to_socket() -> None:
+    from authproxy.workers import _Spliceable
+
+    def splice_to(sock: Any) -> Any:
+        sock.sendall(b"01234")
+        yield 5
+        sock.sendall(b"56789")
+        yield 5
+
+    received, resp = splice_exchange(
+        [("Content-Length", "10")], _Spliceable(Untouchable(), splice_to)
+    )
+    head, _, body = received.partition(b"\r\n\r\n")
+    assert head.startswith(b"HTTP/1.1 200 OK\r\n") and b"\r\nContent-Length: 10" in head
+    assert body == b"0123456789" and resp.sent == 10
+
+
+def never(sock: Any) -> Any:
+    raise AssertionError("spliced")
+
+
+@pytest.mark.parametrize(
+    ("headers", "is_ssl"),
+    [
+        ([], False),  # no length: chunked by the server, which only iteration frames
+        ([("Content-Length", "5")], True),  # TLS to the client: bytes must be encrypted
+    ],
+)
+def test_otherwise_the_body_is_iterated(headers: list[tuple[str, str]], is_ssl: bool) -> None:
+    from authproxy.workers import _Spliceable
+
+    received, _ = splice_exchange(headers, _Spliceable([b"hello"], never), is_ssl=is_ssl)
+    body = received.partition(b"\r\n\r\n")[2]
+    assert body == (b"5\r\nhello\r\n0\r\n\r\n" if not headers else b"hello")
+
+
+def test_only_bodies_offering_splice_to_are_marked_and_closing_reaches_them() -> None:
+    from gunicorn.http.wsgi import FileWrapper
+
+    from authproxy.workers import _offering_splice
+
+    class Offering(Untouchable):
+        splice_to = staticmethod(never)
+
+    class Declining(Untouchable):
+        splice_to = None
+
+    plain, declining, offering = [b"x"], Declining(), Offering()
+    for body in (plain, declining):
+        assert _offering_splice(lambda e, s, b=body: b)({}, None) is body
+    marked = _offering_splice(lambda e, s: offering)({}, None)
+    assert isinstance(marked, FileWrapper)  # what gunicorn hands to Response.sendfile
+    marked.close()
+    assert offering.closed
