@@ -2,7 +2,7 @@
 # Benchmark authproxy on this machine: a local nginx upstream, authproxy under
 # gunicorn, load from wrk and curl, all on 127.0.0.1. See bench/README.md.
 #
-#   bench/run.sh                 configurations (a)-(d), about 2 minutes
+#   bench/run.sh                 configurations (a)-(d), three rounds, about 7 minutes
 #   bench/run.sh --with-peers    the same, then the peers' harness with the
 #                                peers and authproxy as candidates, and ratios
 #   bench/run.sh --sweep         forwarder only under several gunicorn settings
@@ -12,7 +12,9 @@
 # Configurations: forwarder (a), pipeline (b: access log + identity verifying
 # a token + bearer injection), refusing (c: the same, requests without a token
 # get 401), noidentity (d: the full pipeline minus identity).
-# Knobs (environment): DURATION (10s), SMALL_CONNS (32), M1_CONNS (8),
+# Knobs (environment): ROUNDS (3: every configuration that many times, in
+# turn; the tables show medians), PEER_RUNS (1: runs of the peers' harness,
+# medians of their ratios), DURATION (10s), SMALL_CONNS (32), M1_CONNS (8),
 # WRK_THREADS (2), WARMUP (2s), BIG_REPEAT (1), WORKERS (2), THREADS (8),
 # WORKER_CLASS (gthread), KEEPALIVE (75), LOG_LEVEL (info), VENV, BENCH_VAR
 # (/var/tmp/authproxy-bench), UPSTREAM_ADDR (127.0.0.1:18090), PROXY_ADDR
@@ -28,6 +30,8 @@ BENCH=$REPO/bench
 LIB=$BENCH/lib
 . "$LIB/config.sh"
 
+ROUNDS=${ROUNDS:-3}
+PEER_RUNS=${PEER_RUNS:-1}
 DURATION=${DURATION:-10s}
 SMALL_DURATION=${SMALL_DURATION:-$DURATION}
 M1_DURATION=${M1_DURATION:-$DURATION}
@@ -76,9 +80,12 @@ while [ $# -gt 0 ]; do
     shift
 done
 CONFIGS=${only//,/ }
-CONFIGS=${CONFIGS:-forwarder pipeline refusing noidentity}
+CONFIGS=${CONFIGS:-forwarder pipeline noidentity refusing}
 for c in $CONFIGS; do
     case $c in forwarder|pipeline|refusing|noidentity) ;; *) die "unknown configuration: $c" ;; esac
+done
+for n in "$ROUNDS" "$PEER_RUNS"; do
+    [[ $n =~ ^[1-9][0-9]*$ ]] || die "ROUNDS and PEER_RUNS take a whole number from 1, got $n"
 done
 for a in "$UPSTREAM_ADDR" "$PROXY_ADDR"; do
     case $a in 127.*:*) ;; *) die "only loopback addresses (127.x.x.x:port), got $a" ;; esac
@@ -310,27 +317,28 @@ conn_split() {  # established client connections per proxy process, busiest firs
 
 measure_wrk() {  # name scenario path conns duration [expected status]
     local name=$1 scen=$2 path=$3 conns=$4 dur=$5 expect=${6:-}
-    local f=$OUT/raw/$name.$scen.wrk.txt w=$OUT/raw/$name.$scen.watch.json split
+    local raw=$OUT/raw/$name.r$ROUND.$scen split
+    local f=$raw.wrk.txt w=$raw.watch.json
     watch_start "$w"
-    { sleep 1.5; conn_split > "$OUT/raw/$name.$scen.conns"; } &
+    { sleep 1.5; conn_split > "$raw.conns"; } &
     local splitter=$!
     wrk -t"$WRK_THREADS" -c"$conns" -d"$dur" --timeout 10s --latency -s "$LIB/summary.lua" \
         "${HDR[@]}" "http://$PROXY_ADDR$path" > "$f" 2>&1
     wait "$splitter"
     watch_stop
-    split=$(cat "$OUT/raw/$name.$scen.conns" 2> /dev/null)
+    split=$(cat "$raw.conns" 2> /dev/null)
     "$PY" "$LIB/results.py" wrk "$ROWS" "$name" "$scen" "$f" "$w" --connections "$conns" \
         ${split:+--conns "$split"} --processes "$workers_now" ${expect:+--expect-status "$expect"}
 }
 
 measure_big() {  # name
-    local name=$1 f=$OUT/raw/$1.big.curl.txt w=$OUT/raw/$1.big.watch.json
+    local name=$1 f=$OUT/raw/$1.r$ROUND.big.curl.txt w=$OUT/raw/$1.r$ROUND.big.watch.json
     : > "$f"
     watch_start "$w"
     for ((i = 1; i <= BIG_REPEAT; i++)); do
         curl -sS -o /dev/null --max-time "$BIG_MAX_TIME" "${HDR[@]}" \
             -w '%{http_code} %{size_download} %{time_total} %{time_starttransfer}\n' \
-            "http://$PROXY_ADDR/big" >> "$f" 2>> "$OUT/raw/$name.big.curl.err"
+            "http://$PROXY_ADDR/big" >> "$f" 2>> "$OUT/raw/$name.r$ROUND.big.curl.err"
     done
     watch_stop
     "$PY" "$LIB/results.py" curl "$ROWS" "$name" big "$f" "$w" --size "$BIG_SIZE"
@@ -358,8 +366,8 @@ check() {  # name kind: is this the configuration we think it is?
     "$PY" "$LIB/results.py" check "$ROWS" "$name" "$errors" "${notes[*]}"
 }
 
-inspect_log() {  # name: secrets in the proxy's log? then keep only its ends
-    local f=$OUT/logs/$1.log lines leaks=0
+inspect_log() {  # name log-name: secrets in the proxy's log? then keep only its ends
+    local f=$OUT/logs/$2.log lines leaks=0
     [ -f "$f" ] || return 0
     grep -qF "$DASHBOARD_TOKEN" "$f" && leaks=$((leaks + 1))
     grep -qF "$TOKEN" "$f" && leaks=$((leaks + 1))
@@ -371,7 +379,7 @@ inspect_log() {  # name: secrets in the proxy's log? then keep only its ends
         { head -n 40 "$f"; echo "[... $((lines - 60)) lines left out ...]"; tail -n 20 "$f"; } > "$f.short"
         mv "$f.short" "$f"
     fi
-    echo "$1: $lines log lines" >> "$OUT/meta.txt"
+    echo "$2: $lines log lines" >> "$OUT/meta.txt"
 }
 
 busy() {  # % of all cores busy over one second
@@ -394,22 +402,22 @@ wait_idle() {  # before a configuration: up to WAIT_IDLE seconds for a quiet mac
 }
 
 run_config() {  # name kind scenario...
-    local name=$1 kind=$2 conf=$OUT/configs/$1.toml
+    local name=$1 kind=$2 conf=$OUT/configs/$1.toml logname=$1.r$ROUND
     shift 2
     wait_idle
-    log "== $name"
+    log "== $name$( (( ROUNDS > 1 )) && echo " (round $ROUND of $ROUNDS)")"
     HDR=(-H "Cf-Access-Jwt-Assertion: $TOKEN")
     [ "$kind" = refusing ] && HDR=()
     write_config "$conf" "$kind" "$PROXY_ADDR" "http://$UPSTREAM_ADDR"
-    if ! start_proxy "$name" "$conf"; then
+    if ! start_proxy "$logname" "$conf"; then
         "$PY" "$LIB/results.py" check "$ROWS" "$name" 1 \
-            "failed to start: $(tail -c 400 "$OUT/logs/$name.log" | tr '\n|' '  ')"
+            "failed to start: $(tail -c 400 "$OUT/logs/$logname.log" | tr '\n|' '  ')"
         stop_proxy
         return
     fi
     check "$name" "$kind"
     wrk -t"$WRK_THREADS" -c"$SMALL_CONNS" -d"$WARMUP" "${HDR[@]}" "http://$PROXY_ADDR/small" \
-        > "$OUT/raw/$name.warmup.txt" 2>&1
+        > "$OUT/raw/$name.r$ROUND.warmup.txt" 2>&1
     local scen
     for scen in "$@"; do
         sleep 1
@@ -422,7 +430,7 @@ run_config() {  # name kind scenario...
     done
     alive "$proxy_pid" || "$PY" "$LIB/results.py" check "$ROWS" "$name" 1 "the proxy died during the run"
     stop_proxy
-    inspect_log "$name"
+    inspect_log "$name" "$logname"
     sleep 1
 }
 
@@ -433,8 +441,13 @@ identity_available() {
 # ---------------------------------------------------------------- phases
 
 run_configs() {
-    local c
-    for c in $CONFIGS; do
+    local c order=$CONFIGS
+    # Identity on and off run next to each other, and swap places every other
+    # round: a machine that slows down over time then favours neither.
+    if (( ROUND % 2 == 0 )); then
+        order=$(echo "$CONFIGS" | sed 's/\bpipeline\b/@/; s/\bnoidentity\b/pipeline/; s/@/noidentity/')
+    fi
+    for c in $order; do
         if [[ $c == pipeline || $c == refusing ]] && [ "$HAVE_IDENTITY" = 0 ]; then
             log "== $c: skipped: the identity step is not installed ('authproxy plugins' shows no importable 'identity')"
             echo "$c: skipped, no identity step" >> "$OUT/meta.txt"
@@ -487,19 +500,23 @@ run_peers() {
     else
         log "peers: no identity step installed: authproxy_pipeline (identity on) is left out"
     fi
-    mkdir -p "$OUT/peers"
-    log "peers: $PEERS_HARNESS ${cands[*]}"
-    (
-        unset VENV
-        [ -n "${PEERS_VENV:-}" ] && export VENV=$PEERS_VENV
-        export AP_VENV=$VENV_AP AP_CONF_DIR=$OUT/configs AP_CERTS_URL AP_TOKEN_FILE="$OUT/identity/token"
-        export RESULTS_DIR=$OUT/peers GUNICORN_WORKERS=$WORKERS GUNICORN_THREADS=$THREADS
-        export SMALL_DURATION M1_DURATION SMALL_CONNS M1_CONNS WRK_THREADS WARMUP BIG_REPEAT
-        export WAIT_IDLE IDLE_PCT
-        "$PEERS_HARNESS" "${cands[@]}"
-    ) 2>&1 | tee "$OUT/peers.log"
-    PEERS_TSV=$(ls -t "$OUT"/peers/*.tsv 2> /dev/null | head -1)
-    [ -n "$PEERS_TSV" ] || { log "peers: the harness wrote no results"; return 1; }
+    local run tsv
+    for ((run = 1; run <= PEER_RUNS; run++)); do
+        mkdir -p "$OUT/peers/run$run"
+        log "peers (run $run of $PEER_RUNS): $PEERS_HARNESS ${cands[*]}"
+        (
+            unset VENV
+            [ -n "${PEERS_VENV:-}" ] && export VENV=$PEERS_VENV
+            export AP_VENV=$VENV_AP AP_CONF_DIR=$OUT/configs AP_CERTS_URL AP_TOKEN_FILE="$OUT/identity/token"
+            export RESULTS_DIR=$OUT/peers/run$run GUNICORN_WORKERS=$WORKERS GUNICORN_THREADS=$THREADS
+            export SMALL_DURATION M1_DURATION SMALL_CONNS M1_CONNS WRK_THREADS WARMUP BIG_REPEAT
+            export WAIT_IDLE IDLE_PCT
+            "$PEERS_HARNESS" "${cands[@]}"
+        ) 2>&1 | tee -a "$OUT/peers.log"
+        tsv=$(ls -t "$OUT/peers/run$run"/*.tsv 2> /dev/null | head -1)
+        if [ -n "$tsv" ]; then PEERS_TSVS+=("$tsv"); else log "peers: run $run wrote no results"; fi
+    done
+    [ ${#PEERS_TSVS[@]} -gt 0 ] || { log "peers: the harness wrote no results"; return 1; }
 }
 
 # ---------------------------------------------------------------- main
@@ -532,15 +549,17 @@ identity_available && HAVE_IDENTITY=1
     echo "authproxy: $("$VENV/bin/authproxy" --version 2>&1) at $(git -C "$REPO" describe --always --dirty 2> /dev/null)"
     echo "python: $("$PY" -V 2>&1); $("$VENV/bin/pip" freeze 2> /dev/null | grep -iE '^(gunicorn|requests|urllib3|werkzeug|pyjwt|gevent)=' | tr '\n' ' ')"
     echo "nginx: $(nginx -v 2>&1 | cut -d/ -f2); wrk: $(wrk -v 2>&1 | head -1 | cut -d' ' -f2)"
-    echo "settings: gunicorn $([ "$sweep" = 1 ] && echo "as named in each row (SWEEP=$SWEEP)" || echo "$WORKER_CLASS ${WORKERS}x$THREADS") keepalive=$KEEPALIVE; small ${SMALL_CONNS}c/$SMALL_DURATION, 1m ${M1_CONNS}c/$M1_DURATION, wrk -t$WRK_THREADS, warm-up $WARMUP, big x$BIG_REPEAT"
+    echo "settings: gunicorn $([ "$sweep" = 1 ] && echo "as named in each row (SWEEP=$SWEEP)" || echo "$WORKER_CLASS ${WORKERS}x$THREADS") keepalive=$KEEPALIVE; small ${SMALL_CONNS}c/$SMALL_DURATION, 1m ${M1_CONNS}c/$M1_DURATION, wrk -t$WRK_THREADS, warm-up $WARMUP, big x$BIG_REPEAT; $ROUNDS round(s), $PEER_RUNS run(s) of the peers' harness"
     echo "identity step: $([ "$HAVE_IDENTITY" = 1 ] && echo installed || echo 'not installed: (b) and (c) skipped')"
 } > "$OUT/meta.txt"
 log "results -> $OUT"
 sed 's/^/  /' "$OUT/meta.txt"
 
-[ "$sweep" = 1 ] || run_configs
-[ "$sweep" = 1 ] && run_sweep
-PEERS_TSV=""
+for ((ROUND = 1; ROUND <= ROUNDS; ROUND++)); do
+    export BENCH_ROUND=$ROUND
+    if [ "$sweep" = 1 ]; then run_sweep; else run_configs; fi
+done
+PEERS_TSVS=()
 [ "$with_peers" = 1 ] && run_peers
 
 {
@@ -548,7 +567,7 @@ PEERS_TSV=""
     echo
     grep -E '^(machine|authproxy|settings|identity step):' "$OUT/meta.txt" | sed 's/^/    /'
     echo
-    "$PY" "$LIB/results.py" report "$ROWS" ${PEERS_TSV:+--peers "$PEERS_TSV"}
+    "$PY" "$LIB/results.py" report "$ROWS" ${PEERS_TSVS[@]:+--peers "${PEERS_TSVS[@]}"}
 } > "$OUT/summary.md"
 echo
 cat "$OUT/summary.md"

@@ -27,8 +27,10 @@ bind = [os.environ.get("AUTHPROXY_LISTEN", "0.0.0.0:8000")]
 # response (watch, log follow, SSE, a WebSocket) holds one thread until it ends,
 # so workers x threads is the number of concurrent streams. For hundreds of
 # them use worker_class = "gevent" (pip install gevent): one worker then holds
-# them all and `threads` is ignored.
-worker_class = "gthread"
+# them all and `threads` is ignored. authproxy's ThreadWorker is gunicorn's
+# gthread worker with less work per request (what `authproxy serve` runs for
+# "gthread"; docs/deploy.md lists what it changes); plain "gthread" works too.
+worker_class = "authproxy.workers.ThreadWorker"
 workers = 2
 threads = 16
 

@@ -4,12 +4,15 @@ usage:
   results.py wrk   ROWS CONFIG SCENARIO WRK_OUTPUT WATCH_JSON [--expect-status 401] [--conns SPLIT]
   results.py curl  ROWS CONFIG SCENARIO CURL_OUTPUT WATCH_JSON --size BYTES
   results.py check ROWS CONFIG ERRORS NOTE
-  results.py report ROWS [--peers HARNESS_TSV]
+  results.py report ROWS [--peers HARNESS_TSV...]
 
-ROWS is a JSON-lines file, one object per measured row (see ``_row``).
-``report`` prints the table of this run, the identity on/off difference and,
-with ``--peers``, authproxy's figures against the peers measured by the
-shared harness in the same invocation, with the issue's targets.
+ROWS is a JSON-lines file, one object per measured row (see ``_row``; the
+round comes from $BENCH_ROUND). ``report`` prints the table of this run (the
+median of each figure over the rounds), the identity on/off difference and,
+with ``--peers`` (one TSV per run of the shared harness), authproxy's figures
+against the peers measured in the same invocation, with the issue's targets.
+Ratios between candidates are taken within each harness run, then the median
+over the runs: the machine drifts between runs more than within one.
 """
 
 from __future__ import annotations
@@ -17,12 +20,15 @@ from __future__ import annotations
 import argparse
 import csv
 import json
+import os
 import re
 import statistics
 import sys
 from pathlib import Path
 from typing import Any
 
+#: Figures merged over rounds, and the decimals their medians keep.
+DIGITS = {"value": 1, "p50_ms": 2, "p99_ms": 2, "cpu_proxy_s": 2, "cpu_us_per_req": 0, "ttfb_s": 4}
 NOISY_SHARE = 0.05  # foreign processes used more than this share of the machine
 UNITS = {"small": "req/s", "1m": "MB/s", "big": "MB/s"}
 LABELS = {
@@ -48,7 +54,13 @@ def _row(config: str, scenario: str, **fields: Any) -> dict[str, Any]:
         )
     )
     base.update(
-        config=config, scenario=scenario, unit=UNITS.get(scenario, ""), errors=0, flags=[], note=""
+        config=config,
+        scenario=scenario,
+        unit=UNITS.get(scenario, ""),
+        errors=0,
+        flags=[],
+        note="",
+        round=int(os.environ.get("BENCH_ROUND", "1")),
     )
     base.update(fields)
     return base
@@ -179,7 +191,43 @@ def _cell(value: Any) -> str:
     return "-" if value is None or value == "" else str(value)
 
 
+def _median(values: list[Any], digits: int = 2) -> Any:
+    present = [v for v in values if v is not None]
+    if not present:
+        return None
+    middle = statistics.median(present)
+    if not isinstance(middle, float):
+        return middle
+    return round(middle, digits) if digits else round(middle)
+
+
+def merge_rounds(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """One row per configuration and scenario: the median of each figure over the
+    rounds (the lowest idle and the highest peak RSS), errors and remarks of all."""
+    groups: dict[tuple[str, str], list[dict[str, Any]]] = {}
+    for r in rows:
+        groups.setdefault((r["config"], r["scenario"]), []).append(r)
+    merged = []
+    for (_config, scenario), group in groups.items():
+        row = dict(group[0])
+        row["errors"] = sum(int(r["errors"] or 0) for r in group)
+        row["flags"] = list(dict.fromkeys(f for r in group for f in r["flags"]))
+        row["note"] = "; ".join(dict.fromkeys(r["note"] for r in group if r["note"]))
+        row["rounds"] = len(group)
+        if scenario != "check":
+            for key, digits in DIGITS.items():
+                row[key] = _median([r[key] for r in group], digits)
+            idle = [r["rss_idle_mib"] for r in group if r["rss_idle_mib"] is not None]
+            peak = [r["rss_peak_mib"] for r in group if r["rss_peak_mib"] is not None]
+            row["rss_idle_mib"] = min(idle) if idle else None
+            row["rss_peak_mib"] = max(peak) if peak else None
+            row["values"] = [r["value"] for r in group]
+        merged.append(row)
+    return merged
+
+
 def own_table(rows: list[dict[str, Any]]) -> list[str]:
+    rows = merge_rounds(rows)
     out = [
         "| configuration | scenario | req/s or MB/s | p50 ms | p99 ms | peak RSS MiB (idle) "
         "| proxy CPU s (µs/req) | errors | remarks |",
@@ -192,13 +240,15 @@ def own_table(rows: list[dict[str, Any]]) -> list[str]:
                     f"| {_label(r['config'])} | check | | | | | | {r['errors']} | {r['note']} |"
                 )
             continue
-        value = f"{_cell(r['value'])} {r['unit']}" if r["value"] is not None else "-"
+        value = f"{_fmt(r['value'], r['scenario'])} {r['unit']}" if r["value"] is not None else "-"
         rss = (
             f"{_cell(r['rss_peak_mib'])} ({_cell(r['rss_idle_mib'])})"
             if r["rss_peak_mib"] is not None
             else "-"
         )
         remarks = list(r["flags"])
+        if len(r["values"]) > 1:
+            remarks.insert(0, "rounds: " + " / ".join(_cell(v) for v in r["values"]))
         if r["ttfb_s"] is not None:
             remarks.insert(0, f"ttfb {r['ttfb_s']} s")
         if r["note"]:
@@ -227,21 +277,48 @@ def _find(rows: list[dict[str, Any]], config: str, scenario: str) -> dict[str, A
     return next((r for r in rows if r["config"] == config and r["scenario"] == scenario), None)
 
 
+def identity_costs(rows: list[dict[str, Any]], scenario: str) -> list[float]:
+    """(d) against (b) in each round, in %: positive = identity costs throughput."""
+    costs = []
+    for on in rows:
+        if on["config"] != "pipeline" or on["scenario"] != scenario or not on["value"]:
+            continue
+        off = next(
+            (
+                r
+                for r in rows
+                if r["config"] == "noidentity"
+                and r["scenario"] == scenario
+                and r.get("round", 1) == on.get("round", 1)
+            ),
+            None,
+        )
+        if off and off["value"]:
+            costs.append((off["value"] - on["value"]) / off["value"] * 100)
+    return costs
+
+
 def identity_difference(rows: list[dict[str, Any]]) -> list[str]:
     out = []
+    merged = merge_rounds(rows)
     for scenario in UNITS:
-        on, off = _find(rows, "pipeline", scenario), _find(rows, "noidentity", scenario)
-        if on and off and on["value"] and off["value"]:
-            diff = (off["value"] - on["value"]) / off["value"] * 100
-            out.append(f"| {scenario} | {on['value']} | {off['value']} | {diff:+.1f} % |")
+        on, off = _find(merged, "pipeline", scenario), _find(merged, "noidentity", scenario)
+        costs = identity_costs(rows, scenario)
+        if on and off and costs:
+            each = " / ".join(f"{c:+.1f}" for c in costs)
+            out.append(
+                f"| {scenario} | {on['value']} | {off['value']} "
+                f"| {statistics.median(costs):+.1f} % | {each} |"
+            )
     if not out:
         return []
     return [
         "",
-        "Identity on vs off (same run; positive = identity costs throughput):",
+        "Identity on vs off (positive = identity costs throughput; the cost is taken "
+        "within each round, where (b) and (d) run back to back, then the median):",
         "",
-        "| scenario | (b) identity on | (d) identity off | cost |",
-        "|---|--:|--:|--:|",
+        "| scenario | (b) identity on | (d) identity off | cost (median) | cost per round, % |",
+        "|---|--:|--:|--:|---|",
         *out,
     ]
 
@@ -258,59 +335,82 @@ def _num(text: Any) -> float | None:
         return None
 
 
-def peers_tables(peers: list[dict[str, str]], rows: list[dict[str, Any]]) -> list[str]:
+def peers_tables(runs: list[list[dict[str, str]]], rows: list[dict[str, Any]]) -> list[str]:
+    """*runs*: the rows of each run of the peers' harness."""
+
+    def cells(candidate: str, scenario: str) -> list[dict[str, str] | None]:
+        return [
+            next(
+                (p for p in run if p["candidate"] == candidate and p["scenario"] == scenario), None
+            )
+            for run in runs
+        ]
+
+    def each(candidate: str, scenario: str, column: str = "rps_or_MBps") -> list[float | None]:
+        return [None if c is None else _num(c[column]) for c in cells(candidate, scenario)]
+
     def get(candidate: str, scenario: str, column: str = "rps_or_MBps") -> float | None:
-        return next(
-            (
-                _num(p[column])
-                for p in peers
-                if p["candidate"] == candidate and p["scenario"] == scenario
-            ),
-            None,
-        )
+        return _median(each(candidate, scenario, column))
 
-    def ratio(a: float | None, b: float | None) -> str:
-        return f"{a / b:.2f}" if a is not None and b else "-"
+    def frac(
+        candidate: str, other: str, scenario: str, column: str = "rps_or_MBps"
+    ) -> float | None:
+        """candidate / other within each run, then the median over the runs."""
+        pairs = zip(each(candidate, scenario, column), each(other, scenario, column), strict=True)
+        ratios = [a / b for a, b in pairs if a is not None and b]
+        return statistics.median(ratios) if ratios else None
 
-    def note(candidate: str, scenario: str, key: str) -> float | None:
-        for p in peers:
-            if p["candidate"] == candidate and p["scenario"] == scenario:
-                found = re.search(rf"(?:^|[\s,:]){re.escape(key)}=([0-9.]+)", p["note"])
-                return _num(found.group(1)) if found else None
-        return None
+    def ratio(candidate: str, other: str, scenario: str, column: str = "rps_or_MBps") -> str:
+        found = frac(candidate, other, scenario, column)
+        return "-" if found is None else f"{found:.2f}"
+
+    def note(candidate: str, scenario: str, key: str) -> list[float | None]:
+        found = []
+        for c in cells(candidate, scenario):
+            match = c and re.search(rf"(?:^|[\s,:]){re.escape(key)}=([0-9.]+)", c["note"])
+            found.append(_num(match.group(1)) if match else None)
+        return found
+
+    def cpu_per_request(candidate: str) -> str:
+        per = [
+            cpu / requests * 1e6
+            for cpu, requests in zip(
+                note(candidate, "small", "proxy"), note(candidate, "small", "requests"), strict=True
+            )
+            if cpu is not None and requests
+        ]
+        return f"{statistics.median(per):.0f}" if per else "-"
 
     def flags(candidate: str, scenario: str) -> str:
-        for p in peers:
-            if p["candidate"] == candidate and p["scenario"] == scenario:
-                found = [f for f in ("NOISY", "UNBALANCED") if f in p["note"]]
-                return " ".join(found)
-        return ""
+        notes = " ".join(c["note"] for c in cells(candidate, scenario) if c)
+        return " ".join(f for f in ("NOISY", "UNBALANCED") if f in notes)
 
-    candidates = list(dict.fromkeys(p["candidate"] for p in peers))
+    candidates = list(dict.fromkeys(p["candidate"] for run in runs for p in run))
+    where = "same invocation" if len(runs) == 1 else f"same invocation, median of {len(runs)} runs"
     out = [
         "",
-        "All candidates of the peers' harness (same invocation):",
+        f"All candidates of the peers' harness ({where}):",
         "",
         "| candidate | small req/s | small p99 ms | small proxy CPU µs/req | 1m MB/s "
         "| big MB/s | big ttfb s | peak RSS MiB (big) | errors | remarks |",
         "|---|--:|--:|--:|--:|--:|--:|--:|--:|---|",
     ]
     for cand in candidates:
-        cpu, requests = note(cand, "small", "proxy"), note(cand, "small", "requests")
-        per_req = f"{cpu / requests * 1e6:.0f}" if cpu is not None and requests else "-"
-        errors = sum(int(_num(p["errors"]) or 0) for p in peers if p["candidate"] == cand)
+        errors = sum(
+            int(_num(p["errors"]) or 0) for run in runs for p in run if p["candidate"] == cand
+        )
         out.append(
             f"| {cand} | {_fmt(get(cand, 'small'), 'small')} "
             f"| {_cell(get(cand, 'small', 'p99_ms'))} "
-            f"| {per_req} | {_cell(get(cand, '1m'))} | {_cell(get(cand, 'big'))} "
-            f"| {_cell(note(cand, 'big', 'ttfb_s'))} "
+            f"| {cpu_per_request(cand)} | {_cell(get(cand, '1m'))} | {_cell(get(cand, 'big'))} "
+            f"| {_cell(_median(note(cand, 'big', 'ttfb_s')))} "
             f"| {_cell(get(cand, 'big', 'peak_rss_mb'))} | {errors} "
             f"| {'; '.join(f'{sc} {flags(cand, sc)}' for sc in UNITS if flags(cand, sc))} |"
         )
     ours = [c for c in candidates if c.startswith("authproxy")]
     out += [
         "",
-        "authproxy against the peers (shared harness, same invocation):",
+        f"authproxy against the peers (shared harness, {where}; ratios within each run):",
         "",
         "| candidate | scenario | value | / werkzeug_proxy | / go_httputil | p99 ms "
         "| p99 / go p99 | peak RSS MiB | remarks |",
@@ -318,20 +418,19 @@ def peers_tables(peers: list[dict[str, str]], rows: list[dict[str, Any]]) -> lis
     ]
     for cand in ours:
         for scenario in UNITS:
-            value = get(cand, scenario)
-            p99 = get(cand, scenario, "p99_ms")
             out.append(
-                f"| {cand} | {scenario} | {_fmt(value, scenario)} {UNITS[scenario]} "
-                f"| {ratio(value, get('werkzeug_proxy', scenario))} "
-                f"| {ratio(value, get('go_httputil', scenario))} | {_cell(p99)} "
-                f"| {ratio(p99, get('go_httputil', scenario, 'p99_ms'))} "
+                f"| {cand} | {scenario} | {_fmt(get(cand, scenario), scenario)} {UNITS[scenario]} "
+                f"| {ratio(cand, 'werkzeug_proxy', scenario)} "
+                f"| {ratio(cand, 'go_httputil', scenario)} "
+                f"| {_cell(get(cand, scenario, 'p99_ms'))} "
+                f"| {ratio(cand, 'go_httputil', scenario, 'p99_ms')} "
                 f"| {_cell(get(cand, scenario, 'peak_rss_mb'))} | {flags(cand, scenario)} |"
             )
-    on, off = get("authproxy_pipeline", "small"), get("authproxy_pipeline_noid", "small")
-    if on and off:
+    kept = frac("authproxy_pipeline", "authproxy_pipeline_noid", "small")
+    if kept is not None:
         out += [
             "",
-            f"Identity on vs off in the harness (small): {(off - on) / off * 100:+.1f} % "
+            f"Identity on vs off in the harness (small): {(1 - kept) * 100:+.1f} % "
             "(authproxy_pipeline has one more inject-headers step, which adds the token).",
         ]
     if "authproxy_forwarder" in ours:
@@ -356,26 +455,24 @@ def peers_tables(peers: list[dict[str, str]], rows: list[dict[str, Any]]) -> lis
         shown = "-" if measured is None else fmt.format(measured)
         out.append(f"| {text} | {shown} | {'-' if ok is None else ('yes' if ok else 'NO')} |")
 
-    def frac(a: float | None, b: float | None) -> float | None:
-        return a / b if a is not None and b else None
-
-    small_wz = frac(get(full, "small"), get("werkzeug_proxy", "small"))
-    small_go = frac(get(full, "small"), get("go_httputil", "small"))
-    m1_go = frac(get(full, "1m"), get("go_httputil", "1m"))
-    big_go = frac(get(full, "big"), get("go_httputil", "big"))
-    p99_go = frac(get(full, "small", "p99_ms"), get("go_httputil", "small", "p99_ms"))
+    small_wz = frac(full, "werkzeug_proxy", "small")
+    small_go = frac(full, "go_httputil", "small")
+    m1_go = frac(full, "go_httputil", "1m")
+    big_go = frac(full, "go_httputil", "big")
+    p99_go = frac(full, "go_httputil", "small", "p99_ms")
     target("small req/s >= 1.5x werkzeug_proxy", small_wz, _ge(small_wz, 1.5))
     target("small req/s >= 0.5x go_httputil", small_go, _ge(small_go, 0.5))
     target("1m MB/s >= go_httputil", m1_go, _ge(m1_go, 1.0))
     target("big MB/s >= go_httputil", big_go, _ge(big_go, 1.0))
     target("small p99 <= 2x go_httputil", p99_go, None if p99_go is None else p99_go <= 2.0)
-    on_row, off_row = _find(rows, "pipeline", "small"), _find(rows, "noidentity", "small")
-    if on_row and off_row and on_row["value"] and off_row["value"]:
-        cost = (off_row["value"] - on_row["value"]) / off_row["value"] * 100
-        target("identity on vs off < 10 % (small, own run)", cost, cost < 10, "{:+.1f} %")
-    config = next((c for c in ("pipeline", "noidentity") if _find(rows, c, "big")), None)
+    costs = identity_costs(rows, "small")
+    if costs:
+        cost = statistics.median(costs)
+        target("identity on vs off < 10 % (small, own rounds)", cost, cost < 10, "{:+.1f} %")
+    merged = merge_rounds(rows)
+    config = next((c for c in ("pipeline", "noidentity") if _find(merged, c, "big")), None)
     for scenario in ("1m", "big") if config else ():
-        r = _find(rows, config or "", scenario)
+        r = _find(merged, config or "", scenario)
         if r and r["rss_peak_mib"] is not None and r["rss_idle_mib"] is not None:
             streams = 1 if scenario == "big" else (r.get("connections") or 1)
             per = (r["rss_peak_mib"] - r["rss_idle_mib"]) / streams
@@ -403,7 +500,7 @@ def report(args: argparse.Namespace) -> None:
     rows = load_rows(args.rows)
     lines = own_table(rows) + identity_difference(rows)
     if args.peers:
-        lines += peers_tables(load_peers(args.peers), rows)
+        lines += peers_tables([load_peers(path) for path in args.peers], rows)
     print("\n".join(lines))
 
 
@@ -431,7 +528,7 @@ def main(argv: list[str]) -> int:
     p.set_defaults(func=record_check)
     p = sub.add_parser("report")
     p.add_argument("rows")
-    p.add_argument("--peers")
+    p.add_argument("--peers", nargs="+", help="one TSV per run of the peers' harness")
     p.set_defaults(func=report)
     args = parser.parse_args(argv[1:])
     args.func(args)
