@@ -211,7 +211,7 @@ class Forwarder:
         pool = adapter.get_connection_with_tls_context(prepared, tls_verify, cert=cert)
         assert isinstance(pool, urllib3.HTTPConnectionPool)
         self._pool = pool
-        self._transport = Transport(pool, connect_timeout, read_timeout, chunk_size)
+        self._transport = Transport(pool, connect_timeout, read_timeout, chunk_size, pool_size)
         self._read_timeout = read_timeout
         self._tunnel = (
             Tunnel(
@@ -392,6 +392,7 @@ class Forwarder:
         return self._ready
 
     def close(self) -> None:
+        self._transport.pool.close()
         self.session.close()
         self._pool.close()
 

@@ -1,7 +1,8 @@
 """HTTP/1.1 exchanges with the upstream, on connections from a urllib3 pool.
 
 The pool (built by requests' adapter, so TLS verification, CA bundle and
-client certificate are requests' own) opens, wraps and keeps the sockets.
+client certificate are requests' own) opens and wraps the sockets; idle ones
+wait in :class:`IdleConnections`.
 Responses are parsed by llhttp through :mod:`httptools`, a C parser: the
 standard library's parser costs more CPU than the rest of the proxy put
 together. Requests are written as they came: the target is sent byte for
@@ -19,6 +20,7 @@ import re
 import select
 import socket
 import struct
+from collections import deque
 from collections.abc import Callable, Iterable, Iterator
 from http import HTTPStatus
 from typing import Any
@@ -417,13 +419,73 @@ def encode_head(method: str, target: str, headers: Iterable[tuple[str, str]]) ->
     return head.encode("latin-1")
 
 
+class IdleConnections:
+    """A urllib3 pool's connections between requests, newest first, taken without a lock.
+
+    urllib3 keeps them in a :class:`queue.LifoQueue`, whose lock every request
+    takes twice: under a threaded server such a lock makes the threads queue up
+    behind whichever of them the GIL interrupted while holding it. Here they
+    sit in a :class:`collections.deque`, whose ``append`` and ``pop`` are
+    atomic. New connections come from *pool* (its TLS settings); at most
+    *maxsize* idle ones are kept, the rest closed. As with urllib3, a kept
+    connection that the upstream has closed is reconnected before use.
+    """
+
+    def __init__(self, pool: Any, maxsize: int) -> None:
+        self.pool = pool
+        self.maxsize = maxsize
+        self._idle: deque[Any] = deque()
+
+    def _get_conn(self) -> Any:
+        try:
+            conn = self._idle.pop()
+        except IndexError:
+            return self.pool._new_conn()
+        if conn.sock is not None and _dropped(conn.sock):
+            conn.close()  # the exchange connects it again
+        return conn
+
+    def _put_conn(self, conn: Any) -> None:
+        if len(self._idle) < self.maxsize:
+            self._idle.append(conn)
+        else:
+            conn.close()
+
+    def _new_conn(self) -> Any:
+        return self.pool._new_conn()
+
+    def __len__(self) -> int:
+        return len(self._idle)
+
+    def close(self) -> None:
+        while True:
+            try:
+                conn = self._idle.pop()
+            except IndexError:
+                return
+            conn.close()
+
+
+def _dropped(sock: socket.socket) -> bool:
+    """True if an idle connection became readable: closed by the upstream (or junk)."""
+    poller = select.poll()
+    poller.register(sock, select.POLLIN)
+    return bool(poller.poll(0))
+
+
 class Transport:
     """Sends requests over a urllib3 connection pool; see the module docstring."""
 
     def __init__(
-        self, pool: Any, connect_timeout: float, read_timeout: float, recv_size: int = 256 * 1024
+        self,
+        pool: Any,
+        connect_timeout: float,
+        read_timeout: float,
+        recv_size: int = 256 * 1024,
+        pool_size: int | None = None,
     ) -> None:
-        self.pool = pool
+        #: urllib3's pool opens connections; idle ones are kept here.
+        self.pool = IdleConnections(pool, pool_size or pool.pool.maxsize)
         self.recv_size = recv_size
         self.connect_timeout = connect_timeout
         self.read_timeout = read_timeout

@@ -79,14 +79,21 @@ class TokenCache:
     def get(self, digest: bytes, generation: int) -> VerifiedIdentity | None:
         if self.size <= 0:
             return None
-        with self._lock:
-            entry = self._entries.get(digest)
-            if entry is not None:
-                identity, until, gen = entry
-                if gen == generation and time.time() < until:
+        # A hit takes no lock: under a threaded server a lock taken per request
+        # makes the threads queue up behind whichever of them the GIL
+        # interrupted while holding it. Each OrderedDict call is atomic.
+        entry = self._entries.get(digest)
+        if entry is not None:
+            identity, until, gen = entry
+            if gen == generation and time.time() < until:
+                try:
                     self._entries.move_to_end(digest)
-                    self.hits += 1
-                    return identity
+                except KeyError:  # evicted meanwhile by another thread
+                    pass
+                self.hits += 1  # statistics: a lost increment does no harm
+                return identity
+        with self._lock:
+            if entry is not None and self._entries.get(digest) is entry:
                 del self._entries[digest]
             self.misses += 1
             return None

@@ -50,6 +50,32 @@ def test_lines_logged_together_arrive_in_one_write(logger: logging.Logger) -> No
     assert stream.writes == ["line 0\nline 1\nline 2\n"]
 
 
+@pytest.mark.parametrize("buffer_size", [64 * 1024, 500], ids=["by-time", "by-size-too"])
+def test_lines_from_many_threads_are_each_written_once(
+    logger: logging.Logger, buffer_size: int
+) -> None:
+    """Threads log without a lock: no line may be lost, doubled or cut into another."""
+    import threading
+
+    stream = Recording()
+    handler = BatchingStreamHandler(stream, flush_interval=0.01, buffer_size=buffer_size)
+    logger.addHandler(handler)
+
+    def log_many(thread: int) -> None:
+        for n in range(2000):
+            logger.info("thread %d line %d", thread, n)
+
+    threads = [threading.Thread(target=log_many, args=(t,)) for t in range(8)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    handler.flush()
+    lines = stream.getvalue().splitlines()
+    assert sorted(lines) == sorted(f"thread {t} line {n}" for t in range(8) for n in range(2000))
+    assert len(stream.writes) > 1  # written in batches while the threads ran
+
+
 def test_a_line_after_a_quiet_spell_is_written_too(logger: logging.Logger) -> None:
     stream = Recording()
     logger.addHandler(BatchingStreamHandler(stream, flush_interval=0.05))

@@ -1,5 +1,5 @@
-"""A counted body moved socket to socket in the kernel (Response.splice_to), on
-real socket pairs: one stands for the upstream, one for the client."""
+"""The transport on real socket pairs: a counted body moved socket to socket in
+the kernel (Response.splice_to), and the idle connections kept between requests."""
 
 from __future__ import annotations
 
@@ -13,9 +13,9 @@ from collections.abc import Iterator
 import pytest
 
 from authproxy.errors import UpstreamProtocolError, UpstreamTimeout
-from authproxy.transport import Response
+from authproxy.transport import IdleConnections, Response
 
-pytestmark = pytest.mark.skipif(not hasattr(os, "splice"), reason="needs os.splice (Linux)")
+needs_splice = pytest.mark.skipif(not hasattr(os, "splice"), reason="needs os.splice (Linux)")
 
 HEAD = b"HTTP/1.1 200 OK\r\nContent-Length: %d\r\n\r\n"
 
@@ -85,6 +85,7 @@ def send_later(sock: socket.socket, data: bytes, delay: float = 0.0) -> threadin
     return thread
 
 
+@needs_splice
 def test_a_large_body_arrives_whole_and_the_connection_goes_back(pair: Pair) -> None:
     body = os.urandom(3 << 20)  # several moves of the 1 MiB pipe
     pair.upstream.sendall(HEAD % len(body) + body[:1000])  # some of it behind the head
@@ -104,6 +105,7 @@ def test_a_large_body_arrives_whole_and_the_connection_goes_back(pair: Pair) -> 
     assert pair.conn.sock.getblocking()
 
 
+@needs_splice
 def test_each_piece_goes_on_before_the_upstream_sends_the_next(pair: Pair) -> None:
     waits: list[int] = []
     pair.upstream.sendall(HEAD % 200_000)
@@ -132,6 +134,7 @@ def test_each_piece_goes_on_before_the_upstream_sends_the_next(pair: Pair) -> No
     assert list(moves) == []
 
 
+@needs_splice
 def test_an_upstream_that_hangs_up_mid_body_is_an_upstream_error(pair: Pair) -> None:
     pair.upstream.sendall(HEAD % 100_000 + b"x" * 10)
     response = pair.response()
@@ -144,6 +147,7 @@ def test_an_upstream_that_hangs_up_mid_body_is_an_upstream_error(pair: Pair) -> 
     assert pair.receive(5010) == b"x" * 10 + b"y" * 5000
 
 
+@needs_splice
 def test_a_silent_upstream_times_out(pair: Pair) -> None:
     pair.upstream.sendall(HEAD % 100_000)
     response = pair.response(read_timeout=0.3)
@@ -155,6 +159,7 @@ def test_a_silent_upstream_times_out(pair: Pair) -> None:
     assert pair.conn.closed
 
 
+@needs_splice
 def test_the_timeout_is_between_bytes_not_for_the_whole_body(pair: Pair) -> None:
     """A slow but steady upstream is not cut off: each move restarts the clock."""
     pair.upstream.sendall(HEAD % 5000)
@@ -170,6 +175,7 @@ def test_the_timeout_is_between_bytes_not_for_the_whole_body(pair: Pair) -> None
     assert pair.receive(5000) == b"z" * 5000
 
 
+@needs_splice
 def test_an_error_from_before_read_passes_through(pair: Pair) -> None:
     class Gone(Exception):
         pass
@@ -193,11 +199,13 @@ def test_an_error_from_before_read_passes_through(pair: Pair) -> None:
         b"HTTP/1.1 200 OK\r\nContent-Length: 5\r\n\r\nhello",  # already complete
     ],
 )
+@needs_splice
 def test_only_an_unfinished_counted_body_can_be_spliced(pair: Pair, answer: bytes) -> None:
     pair.upstream.sendall(answer)
     assert not pair.response().can_splice()
 
 
+@needs_splice
 def test_a_tls_socket_is_never_spliced(pair: Pair) -> None:
     class Wrapped(socket.socket):  # stands for ssl.SSLSocket: not the plain socket class
         pass
@@ -209,3 +217,49 @@ def test_a_tls_socket_is_never_spliced(pair: Pair) -> None:
         assert not response.can_splice()
     finally:
         response._sock.close()
+
+
+# -- idle connections ------------------------------------------------------------
+
+
+class Opener:
+    """Stands for urllib3's pool: makes connections on socket pairs."""
+
+    def __init__(self) -> None:
+        self.made: list[Conn] = []
+        self.peers: list[socket.socket] = []
+
+    def _new_conn(self) -> Conn:
+        ours, theirs = socket.socketpair()
+        self.peers.append(theirs)
+        conn = Conn(ours)
+        self.made.append(conn)
+        return conn
+
+
+def test_idle_connections_are_reused_newest_first_and_capped() -> None:
+    opener = Opener()
+    idle = IdleConnections(opener, maxsize=2)
+    a, b, c = idle._get_conn(), idle._get_conn(), idle._get_conn()
+    assert opener.made == [a, b, c]  # none idle yet: three new ones
+    for conn in (a, b, c):
+        idle._put_conn(conn)
+    assert len(idle) == 2 and c.closed and not (a.closed or b.closed)  # over the cap: closed
+    assert idle._get_conn() is b and idle._get_conn() is a
+    idle._put_conn(a)
+    idle.close()
+    assert a.closed and len(idle) == 0
+    for peer in opener.peers:
+        peer.close()
+
+
+def test_an_idle_connection_the_upstream_closed_is_not_used_as_is() -> None:
+    opener = Opener()
+    idle = IdleConnections(opener, maxsize=4)
+    conn = idle._get_conn()
+    idle._put_conn(conn)
+    opener.peers[0].close()  # the upstream hung up while it was idle
+    again = idle._get_conn()
+    assert again is conn and conn.closed  # closed, to be connected afresh by the exchange
+    for peer in opener.peers:
+        peer.close()
