@@ -17,7 +17,6 @@ from __future__ import annotations
 import fcntl
 import os
 import re
-import select
 import socket
 import struct
 from collections import deque
@@ -26,6 +25,7 @@ from http import HTTPStatus
 from typing import Any
 
 import httptools
+from urllib3.util.wait import wait_for_read
 
 from .errors import UpstreamConnectError, UpstreamProtocolError, UpstreamTimeout
 
@@ -319,10 +319,12 @@ class Response:
             and type(self._sock) is _PLAIN_SOCKET
         )
 
-    def splice_to(self, client: socket.socket) -> Iterator[int]:
-        """Move the rest of the body to *client* inside the kernel; yield the bytes of each move.
+    def splice_to(self, client: socket.socket, length: int) -> Iterator[int]:
+        """Move the body to *client* inside the kernel; yield the bytes of each move.
 
-        For a body with a declared length (see :meth:`can_splice`). The bytes go
+        For a body with a declared length (see :meth:`can_splice`), none of it
+        handed out yet. *length* is what the server told the client to expect:
+        unless it is the body's length, ValueError, at once. The bytes go
         from the upstream socket through a pipe to *client* (``splice(2)``) and
         never become Python objects: no copies in and out, one pass of the
         interpreter per megabyte. Each move passes on what has arrived, so a
@@ -331,6 +333,11 @@ class Response:
         failures end it as upstream errors; errors writing to *client* pass
         through unchanged. The connection is released once the body is read.
         """
+        if length != self.length:
+            raise ValueError(f"the client expects {length} bytes, the body has {self.length}")
+        return self._splice(client)
+
+    def _splice(self, client: socket.socket) -> Iterator[int]:
         assert _SPLICE is not None and self.length is not None
         if self._pending:
             data = self.take()
@@ -372,10 +379,7 @@ class Response:
     def _wait_for_upstream(self) -> None:
         if self.before_read is not None:
             self.before_read()  # watches the client too
-        poller = select.poll()
-        poller.register(self._sock, select.POLLIN)
-        timeout = None if self._timeout is None else self._timeout * 1000
-        if not poller.poll(timeout):
+        if not wait_for_read(self._sock, self._timeout):
             self.close()
             raise UpstreamTimeout("upstream stalled mid-body")
 
@@ -441,7 +445,7 @@ class IdleConnections:
             conn = self._idle.pop()
         except IndexError:
             return self.pool._new_conn()
-        if conn.sock is not None and _dropped(conn.sock):
+        if conn.sock is not None and wait_for_read(conn.sock, 0.0):  # urllib3's check
             conn.close()  # the exchange connects it again
         return conn
 
@@ -464,13 +468,6 @@ class IdleConnections:
             except IndexError:
                 return
             conn.close()
-
-
-def _dropped(sock: socket.socket) -> bool:
-    """True if an idle connection became readable: closed by the upstream (or junk)."""
-    poller = select.poll()
-    poller.register(sock, select.POLLIN)
-    return bool(poller.poll(0))
 
 
 class Transport:

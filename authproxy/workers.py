@@ -137,6 +137,12 @@ class Response(wsgi.Response):  # type: ignore[misc]
             or self._omits_body
         ):
             return False
+        try:
+            # Exactly the bytes the head announces: a Content-Length that a
+            # step changed (and that iteration would enforce) declines.
+            moves = respiter.splice_to(self.sock, self.response_length)
+        except ValueError:
+            return False
         self._joining = True
         try:
             self.send_headers()
@@ -144,7 +150,7 @@ class Response(wsgi.Response):  # type: ignore[misc]
             self._joining = False
         head, self._head = self._head, b""
         self.sock.sendall(head, socket.MSG_MORE)  # out with the first body bytes
-        for moved in respiter.splice_to(self.sock):
+        for moved in moves:
             self.sent += moved
         return True
 
@@ -165,7 +171,9 @@ class _Spliceable(wsgi.FileWrapper):  # type: ignore[misc]
     ``wsgi.file_wrapper``; iterated, it is the body as the app returned it.
     """
 
-    def __init__(self, body: Iterable[bytes], splice_to: Callable[[Any], Iterator[int]]) -> None:
+    def __init__(
+        self, body: Iterable[bytes], splice_to: Callable[[Any, int], Iterator[int]]
+    ) -> None:
         self.body = body
         self.splice_to = splice_to
 
@@ -182,8 +190,10 @@ def _offering_splice(app: Callable[..., Iterable[bytes]]) -> Callable[..., Itera
     """*app*, with bodies that can move socket to socket marked for the worker.
 
     A body offers it with a ``splice_to`` attribute (not None): a callable that
-    takes the client's socket, moves the body there, and yields the bytes of
-    each move (:meth:`authproxy.transport.Response.splice_to`).
+    takes the client's socket and the length the head announces, raises
+    ValueError at once if that is not the body's, and otherwise returns an
+    iterator that moves the body there, yielding the bytes of each move
+    (:meth:`authproxy.transport.Response.splice_to`).
     """
 
     def serve(environ: Any, start_response: Any) -> Iterable[bytes]:

@@ -95,7 +95,7 @@ def test_a_large_body_arrives_whole_and_the_connection_goes_back(pair: Pair) -> 
     received: list[bytes] = []
     reader = threading.Thread(target=lambda: received.append(pair.receive(len(body))))
     reader.start()
-    moves = list(response.splice_to(pair.proxy_out))
+    moves = list(response.splice_to(pair.proxy_out, len(body)))
     reader.join(10)
     sender.join(10)
     assert moves[0] == 1000 and sum(moves) == len(body)
@@ -111,7 +111,7 @@ def test_each_piece_goes_on_before_the_upstream_sends_the_next(pair: Pair) -> No
     pair.upstream.sendall(HEAD % 200_000)
     response = pair.response()
     response.before_read = lambda: waits.append(1)
-    moves = response.splice_to(pair.proxy_out)
+    moves = response.splice_to(pair.proxy_out, 200_000)
     pair.upstream.sendall(b"a" * 100_000)
     time.sleep(0.05)
     # A move that waited for more than was there would return only when this
@@ -141,7 +141,7 @@ def test_an_upstream_that_hangs_up_mid_body_is_an_upstream_error(pair: Pair) -> 
     pair.upstream.sendall(b"y" * 5000)
     pair.upstream.close()
     with pytest.raises(UpstreamProtocolError, match="mid-body"):
-        for _ in response.splice_to(pair.proxy_out):
+        for _ in response.splice_to(pair.proxy_out, 100_000):
             pass
     assert pair.conn.closed and pair.pool.returned == [pair.conn]
     assert pair.receive(5010) == b"x" * 10 + b"y" * 5000
@@ -153,7 +153,7 @@ def test_a_silent_upstream_times_out(pair: Pair) -> None:
     response = pair.response(read_timeout=0.3)
     started = time.monotonic()
     with pytest.raises(UpstreamTimeout):
-        for _ in response.splice_to(pair.proxy_out):
+        for _ in response.splice_to(pair.proxy_out, 100_000):
             pass
     assert 0.25 < time.monotonic() - started < 5
     assert pair.conn.closed
@@ -171,8 +171,19 @@ def test_the_timeout_is_between_bytes_not_for_the_whole_body(pair: Pair) -> None
             pair.upstream.sendall(b"z" * 1000)
 
     threading.Thread(target=trickle, daemon=True).start()
-    assert sum(response.splice_to(pair.proxy_out)) == 5000  # 1 s in all
+    assert sum(response.splice_to(pair.proxy_out, 5000)) == 5000  # 1 s in all
     assert pair.receive(5000) == b"z" * 5000
+
+
+@needs_splice
+def test_a_length_other_than_the_bodys_is_refused_before_anything_moves(pair: Pair) -> None:
+    """The client was told another length (a step rewrote Content-Length): no splice."""
+    pair.upstream.sendall(HEAD % 100_000 + b"x" * 10)
+    response = pair.response()
+    with pytest.raises(ValueError):
+        response.splice_to(pair.proxy_out, 5)
+    assert response.take() == b"x" * 10  # nothing was taken or sent
+    response.close()
 
 
 @needs_splice
@@ -187,7 +198,7 @@ def test_an_error_from_before_read_passes_through(pair: Pair) -> None:
     response = pair.response()
     response.before_read = client_left
     with pytest.raises(Gone):
-        next(response.splice_to(pair.proxy_out))
+        next(response.splice_to(pair.proxy_out, 100_000))
     response.close()
     assert pair.conn.closed
 

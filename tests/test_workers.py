@@ -338,11 +338,16 @@ def splice_exchange(
 def test_a_body_that_can_splice_goes_socket_to_socket() -> None:
     from authproxy.workers import _Spliceable
 
-    def splice_to(sock: Any) -> Any:
-        sock.sendall(b"01234")
-        yield 5
-        sock.sendall(b"56789")
-        yield 5
+    def splice_to(sock: Any, length: int) -> Any:
+        assert length == 10
+
+        def moves() -> Any:
+            sock.sendall(b"01234")
+            yield 5
+            sock.sendall(b"56789")
+            yield 5
+
+        return moves()
 
     received, resp = splice_exchange(
         [("Content-Length", "10")], _Spliceable(Untouchable(), splice_to)
@@ -352,8 +357,12 @@ def test_a_body_that_can_splice_goes_socket_to_socket() -> None:
     assert body == b"0123456789" and resp.sent == 10
 
 
-def never(sock: Any) -> Any:
+def never(sock: Any, length: int) -> Any:
     raise AssertionError("spliced")
+
+
+def refuses(sock: Any, length: int) -> Any:
+    raise ValueError("the client expects another length")
 
 
 @pytest.mark.parametrize(
@@ -369,6 +378,14 @@ def test_otherwise_the_body_is_iterated(headers: list[tuple[str, str]], is_ssl: 
     received, _ = splice_exchange(headers, _Spliceable([b"hello"], never), is_ssl=is_ssl)
     body = received.partition(b"\r\n\r\n")[2]
     assert body == (b"5\r\nhello\r\n0\r\n\r\n" if not headers else b"hello")
+
+
+def test_a_body_whose_length_the_head_does_not_announce_is_iterated() -> None:
+    from authproxy.workers import _Spliceable
+
+    received, _ = splice_exchange([("Content-Length", "5")], _Spliceable([b"hello"], refuses))
+    head, _, body = received.partition(b"\r\n\r\n")
+    assert b"\r\nContent-Length: 5" in head and body == b"hello"
 
 
 def test_only_bodies_offering_splice_to_are_marked_and_closing_reaches_them() -> None:
