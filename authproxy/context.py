@@ -202,12 +202,16 @@ class CountedBody:
         return self._count(self._body, len)
 
     @property
-    def splice_to(self) -> Callable[[Any, int], Iterator[int]] | None:
+    def splice_to(self) -> Callable[[Any, int, bytes], Iterator[int]] | None:
         """The body's own ``splice_to`` (a server moving it socket to socket), counted."""
         splice_to = getattr(self._body, "splice_to", None)
         if splice_to is None:
             return None
-        return lambda sock, length: self._count(splice_to(sock, length), int)
+
+        def counted(sock: Any, length: int, head: bytes = b"") -> Iterator[int]:
+            return self._count(splice_to(sock, length, head), int)
+
+        return counted
 
     def _count(self, pieces: Iterable[Any], size: Callable[[Any], int]) -> Iterator[Any]:
         try:

@@ -416,7 +416,7 @@ class _Stream:
         return iter(self._response)
 
     @property
-    def splice_to(self) -> Callable[[socket.socket, int], Iterator[int]] | None:
+    def splice_to(self) -> Callable[[socket.socket, int, bytes], Iterator[int]] | None:
         """What moves the body to the client's socket inside the kernel, when it can
         (see :meth:`~authproxy.transport.Response.splice_to`); None otherwise."""
         return self._response.splice_to if self._response.can_splice() else None

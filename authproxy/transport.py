@@ -319,12 +319,13 @@ class Response:
             and type(self._sock) is _PLAIN_SOCKET
         )
 
-    def splice_to(self, client: socket.socket, length: int) -> Iterator[int]:
+    def splice_to(self, client: socket.socket, length: int, head: bytes = b"") -> Iterator[int]:
         """Move the body to *client* inside the kernel; yield the bytes of each move.
 
         For a body with a declared length (see :meth:`can_splice`), none of it
         handed out yet. *length* is what the server told the client to expect:
-        unless it is the body's length, ValueError, at once. The bytes go
+        unless it is the body's length, ValueError, at once. *head* (the
+        server's response head) goes out with the first body bytes. The bytes go
         from the upstream socket through a pipe to *client* (``splice(2)``) and
         never become Python objects: no copies in and out, one pass of the
         interpreter per megabyte. Each move passes on what has arrived, so a
@@ -335,19 +336,22 @@ class Response:
         """
         if length != self.length:
             raise ValueError(f"the client expects {length} bytes, the body has {self.length}")
-        return self._splice(client)
+        return self._splice(client, head)
 
-    def _splice(self, client: socket.socket) -> Iterator[int]:
+    def _splice(self, client: socket.socket, head: bytes) -> Iterator[int]:
         assert _SPLICE is not None and self.length is not None
         if self._pending:
             data = self.take()
-            client.sendall(data)
+            client.sendall(head + data)
             yield len(data)
+        elif head:
+            client.sendall(head, socket.MSG_MORE)  # out with the first spliced bytes
         remaining = self.length - self._received
         upstream = self._sock
-        read_end, write_end = os.pipe()
+        pipe = _PIPES.take()
+        read_end, write_end = pipe
+        emptied = False
         try:
-            _grow_pipe(write_end)
             upstream.setblocking(False)  # a read takes what is there, never waits for more
             source, sink = upstream.fileno(), client.fileno()
             while remaining > 0:
@@ -369,9 +373,9 @@ class Response:
                     left -= _SPLICE(read_end, sink, left)
                 yield moved
             self._complete = True
+            emptied = True
         finally:
-            os.close(read_end)
-            os.close(write_end)
+            _PIPES.give(pipe, emptied)
             if upstream.fileno() != -1:
                 upstream.setblocking(True)
         self.release()
@@ -587,12 +591,49 @@ def _set_timeouts(sock: socket.socket, timeout: float | None) -> None:
     sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDTIMEO, tv)
 
 
-def _grow_pipe(fd: int) -> None:
-    """Let a pipe hold SPLICE_SIZE bytes (fewer, larger moves); its default is 64 KiB."""
-    try:
-        fcntl.fcntl(fd, fcntl.F_SETPIPE_SZ, SPLICE_SIZE)
-    except (OSError, AttributeError):  # over the user's pipe quota: the default will do
-        pass
+class _Pipes:
+    """The pipes splices go through, kept between bodies, empty.
+
+    A new pipe costs four system calls (made, grown, two ends closed), each
+    a chance for another thread to take the GIL: more than the two splices a
+    megabyte takes. A pipe comes back only when its splice ended with
+    nothing in it; at most *keep* wait. A forked child closes its parent's.
+    """
+
+    def __init__(self, keep: int) -> None:
+        self._idle: deque[tuple[int, int]] = deque()
+        self._keep = keep
+
+    def take(self) -> tuple[int, int]:
+        try:
+            return self._idle.pop()
+        except IndexError:
+            pass
+        read_end, write_end = os.pipe()
+        try:  # to SPLICE_SIZE (fewer, larger moves); its default is 64 KiB
+            fcntl.fcntl(write_end, fcntl.F_SETPIPE_SZ, SPLICE_SIZE)
+        except (OSError, AttributeError):  # over the user's pipe quota: the default will do
+            pass
+        return read_end, write_end
+
+    def give(self, pipe: tuple[int, int], empty: bool) -> None:
+        if empty and len(self._idle) < self._keep:
+            self._idle.append(pipe)
+        else:
+            _close_pipe(pipe)
+
+    def close(self) -> None:
+        while self._idle:
+            _close_pipe(self._idle.pop())
+
+
+def _close_pipe(pipe: tuple[int, int]) -> None:
+    os.close(pipe[0])
+    os.close(pipe[1])
+
+
+_PIPES = _Pipes(keep=64)
+os.register_at_fork(after_in_child=_PIPES.close)
 
 
 def _timed_out(exc: BaseException) -> bool:

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import ctypes
-import socket
 import time
 from collections.abc import Callable, Iterable, Iterator
 from email.utils import formatdate
@@ -137,19 +136,19 @@ class Response(wsgi.Response):  # type: ignore[misc]
             or self._omits_body
         ):
             return False
-        try:
-            # Exactly the bytes the head announces: a Content-Length that a
-            # step changed (and that iteration would enforce) declines.
-            moves = respiter.splice_to(self.sock, self.response_length)
-        except ValueError:
-            return False
         self._joining = True
         try:
             self.send_headers()
         finally:
             self._joining = False
         head, self._head = self._head, b""
-        self.sock.sendall(head, socket.MSG_MORE)  # out with the first body bytes
+        try:
+            # Exactly the bytes the head announces: a Content-Length that a
+            # step changed (and that iteration would enforce) declines.
+            moves = respiter.splice_to(self.sock, self.response_length, head)
+        except ValueError:
+            self.headers_sent = False  # iterated instead: the head goes with the first piece
+            return False
         for moved in moves:
             self.sent += moved
         return True
@@ -172,7 +171,7 @@ class _Spliceable(wsgi.FileWrapper):  # type: ignore[misc]
     """
 
     def __init__(
-        self, body: Iterable[bytes], splice_to: Callable[[Any, int], Iterator[int]]
+        self, body: Iterable[bytes], splice_to: Callable[[Any, int, bytes], Iterator[int]]
     ) -> None:
         self.body = body
         self.splice_to = splice_to
@@ -190,10 +189,10 @@ def _offering_splice(app: Callable[..., Iterable[bytes]]) -> Callable[..., Itera
     """*app*, with bodies that can move socket to socket marked for the worker.
 
     A body offers it with a ``splice_to`` attribute (not None): a callable that
-    takes the client's socket and the length the head announces, raises
-    ValueError at once if that is not the body's, and otherwise returns an
-    iterator that moves the body there, yielding the bytes of each move
-    (:meth:`authproxy.transport.Response.splice_to`).
+    takes the client's socket, the length the head announces and the head,
+    raises ValueError at once if that length is not the body's, and otherwise
+    returns an iterator that sends the head and moves the body there, yielding
+    the body bytes of each move (:meth:`authproxy.transport.Response.splice_to`).
     """
 
     def serve(environ: Any, start_response: Any) -> Iterable[bytes]:

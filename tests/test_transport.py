@@ -134,6 +134,56 @@ def test_each_piece_goes_on_before_the_upstream_sends_the_next(pair: Pair) -> No
     assert list(moves) == []
 
 
+@pytest.mark.parametrize("behind_the_head", [0, 1000])
+@needs_splice
+def test_the_servers_head_goes_out_first(pair: Pair, behind_the_head: int) -> None:
+    body = os.urandom(300_000)
+    pair.upstream.sendall(HEAD % len(body) + body[:behind_the_head])
+    response = pair.response()
+    send_later(pair.upstream, body[behind_the_head:], delay=0.05)
+    head = b"HTTP/1.1 200 OK\r\nContent-Length: 300000\r\n\r\n"
+    received: list[bytes] = []
+    reader = threading.Thread(target=lambda: received.append(pair.receive(len(head + body))))
+    reader.start()
+    moves = list(response.splice_to(pair.proxy_out, len(body), head))
+    reader.join(10)
+    assert sum(moves) == len(body)  # body bytes only: the head is not counted
+    assert received == [head + body]
+
+
+@needs_splice
+def test_a_pipe_is_kept_only_when_its_splice_left_it_empty() -> None:
+    from authproxy.transport import _PIPES
+
+    def splice_once(fail: bool) -> None:
+        pair = Pair()
+        try:
+            pair.upstream.sendall(HEAD % 100_000 + b"x" * 10)
+            moves = pair.response().splice_to(pair.proxy_out, 100_000)
+            assert next(moves) == 10
+            pair.upstream.sendall(b"y" * 50_000)
+            if fail:
+                pair.client.close()  # the next move into the client fails
+                with pytest.raises(OSError):
+                    for _ in moves:
+                        pass
+            else:
+                pair.upstream.sendall(b"y" * 49_990)
+                assert sum(moves) == 100_000 - 10
+                assert pair.receive(100_000) == b"x" * 10 + b"y" * 99_990
+        finally:
+            pair.close()
+
+    splice_once(fail=False)
+    kept = _PIPES._idle[-1]
+    splice_once(fail=False)
+    assert _PIPES._idle[-1] == kept  # taken and given back: the same pipe
+    splice_once(fail=True)  # it may hold bytes of that body now: closed, not kept
+    assert kept not in _PIPES._idle
+    with pytest.raises(OSError):
+        os.fstat(kept[0])
+
+
 @needs_splice
 def test_an_upstream_that_hangs_up_mid_body_is_an_upstream_error(pair: Pair) -> None:
     pair.upstream.sendall(HEAD % 100_000 + b"x" * 10)

@@ -338,11 +338,11 @@ def splice_exchange(
 def test_a_body_that_can_splice_goes_socket_to_socket() -> None:
     from authproxy.workers import _Spliceable
 
-    def splice_to(sock: Any, length: int) -> Any:
+    def splice_to(sock: Any, length: int, head: bytes) -> Any:
         assert length == 10
 
         def moves() -> Any:
-            sock.sendall(b"01234")
+            sock.sendall(head + b"01234")
             yield 5
             sock.sendall(b"56789")
             yield 5
@@ -357,11 +357,11 @@ def test_a_body_that_can_splice_goes_socket_to_socket() -> None:
     assert body == b"0123456789" and resp.sent == 10
 
 
-def never(sock: Any, length: int) -> Any:
+def never(sock: Any, length: int, head: bytes) -> Any:
     raise AssertionError("spliced")
 
 
-def refuses(sock: Any, length: int) -> Any:
+def refuses(sock: Any, length: int, head: bytes) -> Any:
     raise ValueError("the client expects another length")
 
 
