@@ -46,6 +46,7 @@ class Pair:
     def __init__(self) -> None:
         self.upstream, proxy_in = socket.socketpair()
         proxy_out, self.client = socket.socketpair()
+        self.client.settimeout(10)  # a test waiting for bytes that never come fails
         self.conn = Conn(proxy_in)
         self.proxy_out = proxy_out
         self.pool = Pool()
