@@ -3,6 +3,9 @@
 from __future__ import annotations
 
 import ctypes
+import errno
+import select
+import threading
 import time
 from collections.abc import Callable, Iterable, Iterator
 from email.utils import formatdate
@@ -10,43 +13,53 @@ from typing import Any
 
 from gunicorn.http import wsgi
 from gunicorn.http.body import LengthReader
+from gunicorn.workers.gthread import _DEFER, STOP_KEEPALIVE_LINGER, TConn
 from gunicorn.workers.gthread import ThreadWorker as _GunicornThreadWorker
-from urllib3.util.wait import wait_for_read
+
+# A connection's socket in the worker's epoll: reported once, then disarmed
+# until the thread that served it arms it again.
+_ARMED = select.EPOLLIN | select.EPOLLONESHOT
 
 
 class ThreadWorker(_GunicornThreadWorker):  # type: ignore[misc]
-    """gunicorn's gthread worker, with housekeeping that is not per request.
+    """gunicorn's gthread worker, with threads that take up requests themselves.
 
-    gunicorn's worker touches its heartbeat file (a ``utime`` system call) and
-    asks whether its parent changed on every turn of its event loop, which
-    under load is every request or two. The arbiter only needs to hear from a
-    worker within ``timeout`` seconds: this one touches the file at most every
-    quarter of that and at least once a second, and looks for its parent once
-    a second. Its responses are :class:`Response`.
+    gunicorn's gthread worker watches kept-alive connections in its main
+    thread and hands each request to a pool thread, which hands the
+    connection back when it has answered: three thread wake-ups and six
+    system calls per request, each a chance for the GIL to change hands, and
+    the main thread one more contender for it. Here the connections wait in
+    an epoll that the pool threads wait on themselves, one event at a time
+    (``EPOLLONESHOT``): the thread that is woken serves the request and arms
+    the connection again. The main thread accepts connections, closes those
+    idle past ``keepalive``, keeps the heartbeat and stops the worker.
 
-    gunicorn hands a kept-alive connection back to its event loop after each
-    response, and a thread of its pool takes it up again when the next
-    request comes: three thread wake-ups and six system calls per request,
-    each a chance for the GIL to change hands. While the worker has no more
-    connections than threads (each could have a thread of its own, so none
-    waits for one), the thread that answered keeps the connection and serves
-    the next request that comes within :attr:`linger` seconds; then, or when
-    the worker is stopping, the connection goes back to the event loop.
-    A request already read behind the last one (pipelined) is served at once.
+    Only :attr:`duty` threads wait for requests. Under a CPU-bound load every
+    thread past those only adds contention for the GIL, and each request
+    waits for its turn at it several times. A request that runs longer than
+    :attr:`patience` seconds (a slow upstream, a long download, a WebSocket)
+    hands its duty to a spare thread, so ``threads`` stays the number of
+    requests a worker can have in flight at once.
 
     A response body that offers ``splice_to`` (a large upstream body with a
     declared length, from a plain-TCP upstream) goes from the upstream's socket
     to the client's inside the kernel (``splice(2)``), unless the client
     connection is TLS or gunicorn's ``sendfile`` setting is off.
 
-    With each heartbeat (glibc only) it also hands memory that its threads'
-    malloc arenas hold free back to the system (``malloc_trim``): each thread
-    gets an arena of its own, and bodies passing through in pieces of varying
-    size leave them full of free pages, adding up to several MiB per thread.
+    gunicorn's worker touches its heartbeat file (a ``utime`` system call) and
+    asks whether its parent changed on every turn of its event loop. The
+    arbiter only needs to hear from a worker within ``timeout`` seconds: this
+    one touches the file at most every quarter of that and at least once a
+    second, and looks for its parent once a second. With each heartbeat (glibc
+    only) it also hands memory that its threads' malloc arenas hold free back
+    to the system (``malloc_trim``): bodies passing through in pieces of
+    varying size leave them full of free pages, several MiB per thread.
     """
 
-    #: Seconds a thread waits on its connection for the next request.
-    linger = 0.1
+    #: Threads waiting for the next request while the others serve theirs.
+    duty = 2
+    #: Seconds a request may run before a spare thread takes over its duty.
+    patience = 0.005
     _last_notify = float("-inf")
     _last_parent_check = float("-inf")
     wsgi: Callable[..., Iterable[bytes]]
@@ -54,6 +67,15 @@ class ThreadWorker(_GunicornThreadWorker):  # type: ignore[misc]
     def init_process(self) -> None:
         # gunicorn's wsgi.create() looks its response class up at call time.
         wsgi.Response = Response
+        self._ready = select.epoll()
+        self._open: dict[int, Any] = {}  # every connection, by file descriptor
+        self._idle: dict[int, Any] = {}  # those waiting for their next request
+        self._busy: dict[int, float] = {}  # thread -> when its request began, while on duty
+        self._duty = threading.Semaphore(min(self.duty, self.cfg.threads))
+        self._done = False
+        self._dozing = False
+        self._expired_at = 0.0
+        self.keepalived_conns = self._idle  # counted by gunicorn's handle_request
         super().init_process()
 
     def load_wsgi(self) -> None:
@@ -68,19 +90,123 @@ class ThreadWorker(_GunicornThreadWorker):  # type: ignore[misc]
             if _malloc_trim is not None:
                 _malloc_trim(0)
 
-    def handle(self, conn: Any) -> Any:
-        keepalive = super().handle(conn)
-        while keepalive is True and self._next_request(conn):
-            keepalive = super().handle(conn)
-        return keepalive
-
-    def _next_request(self, conn: Any) -> bool:
-        """True when the connection's next request is here and this thread should serve it."""
-        if not self.alive or conn.is_http2:
-            return False
-        if conn.parser.unreader.buf.getvalue():  # read along with the last request
+    def is_parent_alive(self) -> bool:
+        now = time.monotonic()
+        if now - self._last_parent_check < 1.0:
             return True
-        return self.nr_conns <= self.cfg.threads and wait_for_read(conn.sock, self.linger)
+        self._last_parent_check = now
+        return bool(super().is_parent_alive())
+
+    def run(self) -> None:
+        for _ in range(self.cfg.threads):
+            threading.Thread(target=self._serve, daemon=True).start()
+        self.poller.register(self.method_queue.fileno(), 1, self.method_queue.run_callbacks)
+        while self.alive:
+            self.notify()
+            accepting = len(self._open) < self.worker_connections
+            if accepting != self._accepting:
+                self.set_accept_enabled(accepting)
+            self._tend(1.0)
+            if not self.is_parent_alive():
+                break
+        # Stopping: no new connections; kept-alive ones get a short while, in
+        # which a request is answered with "Connection: close" (RFC 9112 9.6).
+        self.set_accept_enabled(False)
+        now = time.monotonic()
+        for conn in list(self._idle.values()):
+            conn.timeout = min(conn.timeout, now + STOP_KEEPALIVE_LINGER)
+        deadline = now + self.cfg.graceful_timeout
+        while self._open and time.monotonic() < deadline:
+            self.notify()
+            self._tend(0.1)
+        self._done = True
+        for conn in list(self._open.values()):
+            self._close(conn)
+        self.poller.close()
+        self.method_queue.close()
+        for listener in self.sockets:
+            listener.close()
+
+    def _tend(self, timeout: float) -> None:
+        """One turn of the main thread: accept, relieve slow requests, expire idle connections."""
+        self._dozing = True  # before looking: a request taken up after the look wakes it
+        if len(self._open) > len(self._idle):  # some connection is being served
+            self._dozing = False
+            timeout = self.patience
+        self.wait_for_and_dispatch_events(timeout)
+        self._dozing = False
+        now = time.monotonic()
+        for thread, since in list(self._busy.items()):
+            # Whoever pops the entry, this thread or the serving one, frees the duty.
+            if now - since >= self.patience and self._busy.pop(thread, None) is not None:
+                self._duty.release()
+        if now - self._expired_at < 1.0 and self.alive:
+            return
+        self._expired_at = now
+        for fd, conn in list(self._idle.items()):
+            if conn.timeout <= now and self._idle.pop(fd, None) is not None:
+                self._close(conn)
+
+    def accept(self, listener: Any) -> None:
+        try:
+            sock, addr = listener.accept()
+        except OSError as e:
+            if e.errno not in (errno.EAGAIN, errno.ECONNABORTED, errno.EWOULDBLOCK):
+                raise
+            return
+        conn = TConn(self.cfg, sock, addr, listener.getsockname())
+        conn.fd = sock.fileno()
+        conn.timeout = time.monotonic() + self.cfg.keepalive
+        self._open[conn.fd] = conn
+        self._idle[conn.fd] = conn
+        self._ready.register(conn.fd, _ARMED)
+
+    def _serve(self) -> None:
+        """A pool thread: wait for a request while on duty, serve it, and again."""
+        poll, idle, busy = self._ready.poll, self._idle, self._busy
+        me = threading.get_ident()
+        on_duty = False
+        while not self._done:
+            if not on_duty:
+                on_duty = self._duty.acquire(timeout=1.0)
+                continue
+            for fd, _ in poll(1.0, 1):
+                conn = idle.pop(fd, None)
+                if conn is None:  # closed as it expired
+                    continue
+                busy[me] = time.monotonic()
+                if self._dozing:  # the main thread sleeps long while nothing is served
+                    self._dozing = False
+                    self.method_queue.defer(_nothing)
+                try:
+                    self._serve_connection(conn)
+                except Exception:
+                    self.log.exception("Error serving a connection")
+                    self._close(conn)
+                on_duty = busy.pop(me, None) is not None  # or a spare thread has the duty now
+
+    def _serve_connection(self, conn: Any) -> None:
+        keepalive = self.handle(conn)
+        while keepalive is True and not conn.is_http2 and conn.parser.unreader.buf.getvalue():
+            keepalive = self.handle(conn)  # read along with the last request: no event comes
+        if keepalive is not True and keepalive is not _DEFER:
+            self._close(conn, graceful=True)
+            return
+        now = time.monotonic()
+        conn.timeout = now + (self.cfg.keepalive if self.alive else STOP_KEEPALIVE_LINGER)
+        self._idle[conn.fd] = conn
+        try:
+            self._ready.modify(conn.fd, _ARMED)
+        except OSError:  # expired and closed meanwhile
+            pass
+
+    def _close(self, conn: Any, graceful: bool = False) -> None:
+        self._open.pop(conn.fd, None)
+        try:
+            self._ready.unregister(conn.fd)
+        except (OSError, ValueError):
+            pass
+        conn.close(graceful=graceful)
 
     def _keepalive_after(self, conn: Any, keepalive: bool) -> bool:
         # gunicorn drains what the application left of the request body under
@@ -89,13 +215,6 @@ class ThreadWorker(_GunicornThreadWorker):  # type: ignore[misc]
         if keepalive and _body_read(conn.parser.mesg):
             return True
         return bool(super()._keepalive_after(conn, keepalive))
-
-    def is_parent_alive(self) -> bool:
-        now = time.monotonic()
-        if now - self._last_parent_check < 1.0:
-            return True
-        self._last_parent_check = now
-        return bool(super().is_parent_alive())
 
 
 class Response(wsgi.Response):  # type: ignore[misc]
@@ -210,6 +329,10 @@ class _Spliceable(wsgi.FileWrapper):  # type: ignore[misc]
         close = getattr(self.body, "close", None)
         if close is not None:
             close()
+
+
+def _nothing() -> None:
+    pass
 
 
 def _offering_splice(app: Callable[..., Iterable[bytes]]) -> Callable[..., Iterable[bytes]]:

@@ -12,6 +12,7 @@ import requests
 from authproxy.workers import ThreadWorker
 
 from .conftest import bearer_config
+from .support import wait_until
 
 
 class Beats:
@@ -408,99 +409,59 @@ def test_only_bodies_offering_splice_to_are_marked_and_closing_reaches_them() ->
     assert offering.closed
 
 
-# -- a thread keeping the connection it serves -------------------------------------
+# -- pool threads taking up requests themselves ---------------------------------
 
 
-class Served:
-    """A WSGI app that answers ``ok`` and notes each path; it may stop its worker."""
+def test_a_slow_request_hands_its_duty_to_a_spare_thread(upstream: Any, start_proxy: Any) -> None:
+    """Two threads wait for requests; three slow ones in flight must not keep a
+    fourth waiting: each hands its duty on, up to ``threads`` at once."""
+    from concurrent.futures import ThreadPoolExecutor
 
-    def __init__(self) -> None:
-        self.paths: list[str] = []
-        self.worker: Any = None
-        self.stop_worker = False
-
-    def __call__(self, environ: Any, start_response: Any) -> Any:
-        self.paths.append(environ["PATH_INFO"])
-        if self.stop_worker:
-            self.worker.alive = False  # as SIGTERM does, while the answer is under way
-        start_response("200 OK", [("Content-Length", "2")])
-        return [b"ok"]
-
-
-def handling(*, connections: int, linger: float, stop_worker: bool = False) -> Any:
-    """A worker of 4 threads holding *connections*, serving one on a real socket
-    pair through gunicorn's parser in a thread of its own; returns what the test
-    needs: the client socket, the app, and the thread with its result."""
-    import socket
-    import threading
-
-    from gunicorn.config import Config
-    from gunicorn.glogging import Logger
-    from gunicorn.workers.gthread import TConn
-
-    cfg = Config()
-    cfg.set("threads", 4)
-    app = Served()
-    w = ThreadWorker(0, os.getpid(), [], None, 30, cfg, Logger(cfg))
-    w.wsgi, w.nr_conns, w.linger = app, connections, linger
-    app.worker, app.stop_worker = w, stop_worker
-    client, server_side = socket.socketpair()
-    client.settimeout(10)
-    conn = TConn(cfg, server_side, ("127.0.0.1", 5000), ("127.0.0.1", 8000))
-    result: list[Any] = []
-    thread = threading.Thread(target=lambda: result.append(w.handle(conn)), daemon=True)
-    thread.start()
-    return client, server_side, app, thread, result
+    config = bearer_config(upstream)
+    config["server"] = {"workers": 1, "threads": 4}
+    proxy = start_proxy(config)
+    with ThreadPoolExecutor(3) as pool:
+        slow = [pool.submit(requests.get, proxy.url + "/sleep/3", timeout=30) for _ in range(3)]
+        wait_until(lambda: sum(s.target == "/sleep/3" for s in upstream.seen) == 3, 10)
+        quick = requests.get(proxy.url + "/status/204", timeout=30)
+        assert quick.status_code == 204
+        assert not any(s.done() for s in slow), "the quick answer waited for a slow one"
+        assert [s.result().text for s in slow] == ["slept"] * 3
 
 
-def ask(client: Any, *paths: str) -> int:
-    """Send a GET for each path in one write; read as many answers; how many were 200 ``ok``."""
-    client.sendall(b"".join(b"GET %s HTTP/1.1\r\nHost: x\r\n\r\n" % p.encode() for p in paths))
-    received = b""
-    while received.count(b"\r\n\r\nok") < len(paths):
-        piece = client.recv(65536)
-        if not piece:
-            break
-        received += piece
-    return received.count(b"HTTP/1.1 200 OK\r\n")
+def test_more_connections_than_threads_are_all_served(upstream: Any, start_proxy: Any) -> None:
+    config = bearer_config(upstream)
+    config["server"] = {"workers": 1, "threads": 2}
+    proxy = start_proxy(config)
+    sessions = [requests.Session() for _ in range(12)]
+    try:
+        for round_ in range(3):
+            for n, session in enumerate(sessions):
+                got = session.get(f"{proxy.url}/status/200?{round_}-{n}", timeout=10)
+                assert got.status_code == 200
+        wait_until(lambda: len(proxy.access_lines()) == 36, 10, "an access line per request")
+    finally:
+        for session in sessions:
+            session.close()
 
 
-def test_the_thread_serves_the_next_requests_while_each_connection_can_have_one() -> None:
-    client, server_side, app, thread, result = handling(connections=4, linger=10)
-    with client, server_side:
-        for path in ("/1", "/2", "/3"):
-            assert ask(client, path) == 1
-        assert thread.is_alive() and result == []  # still waiting on this connection
-        client.shutdown(2)
-        thread.join(10)
-    assert app.paths == ["/1", "/2", "/3"] and result == [False]  # the client left
-
-
-@pytest.mark.parametrize(
-    ("connections", "linger", "stop_worker"),
-    [
-        (5, 10, False),  # more connections than threads: one may be waiting for a thread
-        (1, 0.05, False),  # no next request within the linger
-        (1, 10, True),  # the worker is stopping
-    ],
-)
-def test_otherwise_the_connection_goes_back_to_the_event_loop(
-    connections: int, linger: float, stop_worker: bool
+@pytest.mark.parametrize("sends_a_request", [True, False])
+def test_an_idle_connection_is_closed_after_the_keepalive(
+    upstream: Any, start_proxy: Any, sends_a_request: bool
 ) -> None:
-    client, server_side, app, thread, result = handling(
-        connections=connections, linger=linger, stop_worker=stop_worker
-    )
-    with client, server_side:
-        assert ask(client, "/1") == 1
-        thread.join(10)
-        assert result == [True]  # kept alive, for gunicorn's event loop to watch
-        client.sendall(b"GET /2 HTTP/1.1\r\nHost: x\r\n\r\n")
-    assert app.paths == ["/1"]
+    import socket
 
-
-def test_a_request_read_along_with_the_last_one_is_served_at_once() -> None:
-    client, server_side, app, thread, result = handling(connections=5, linger=10)
-    with client, server_side:
-        assert ask(client, "/1", "/2") == 2
-        thread.join(10)
-    assert app.paths == ["/1", "/2"] and result == [True]
+    config = bearer_config(upstream)
+    config["server"] = {"workers": 1, "threads": 2, "keepalive": 1}
+    proxy = start_proxy(config)
+    with socket.create_connection(("127.0.0.1", proxy.port), timeout=10) as client:
+        received = b""
+        if sends_a_request:
+            client.sendall(b"GET /status/200 HTTP/1.1\r\nHost: x\r\n\r\n")
+            while b"\r\n\r\n" not in received:
+                received += client.recv(65536)
+            assert received.startswith(b"HTTP/1.1 200 ")
+            assert b"Connection: keep-alive" in received
+        while piece := client.recv(65536):  # until the proxy closes it (or a timeout)
+            received += piece
+    assert requests.get(proxy.url + "/status/200", timeout=10).status_code == 200
