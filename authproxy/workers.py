@@ -17,8 +17,10 @@ from gunicorn.workers.gthread import _DEFER, STOP_KEEPALIVE_LINGER, TConn
 from gunicorn.workers.gthread import ThreadWorker as _GunicornThreadWorker
 
 # A connection's socket in the worker's epoll: reported once, then disarmed
-# until the thread that served it arms it again.
-_ARMED = select.EPOLLIN | select.EPOLLONESHOT
+# until the thread that served it arms it again. Without epoll (macOS, the
+# BSDs) the worker dispatches as gunicorn's does.
+_EPOLL = hasattr(select, "epoll")
+_ARMED = getattr(select, "EPOLLIN", 0) | getattr(select, "EPOLLONESHOT", 0)
 
 
 class ThreadWorker(_GunicornThreadWorker):  # type: ignore[misc]
@@ -33,6 +35,8 @@ class ThreadWorker(_GunicornThreadWorker):  # type: ignore[misc]
     (``EPOLLONESHOT``): the thread that is woken serves the request and arms
     the connection again. The main thread accepts connections, closes those
     idle past ``keepalive``, keeps the heartbeat and stops the worker.
+
+    Without epoll (macOS, the BSDs) requests are dispatched as gunicorn does.
 
     Only :attr:`duty` threads wait for requests. Under a CPU-bound load every
     thread past those only adds contention for the GIL, and each request
@@ -67,6 +71,9 @@ class ThreadWorker(_GunicornThreadWorker):  # type: ignore[misc]
     def init_process(self) -> None:
         # gunicorn's wsgi.create() looks its response class up at call time.
         wsgi.Response = Response
+        if not _EPOLL:
+            super().init_process()
+            return
         self._ready = select.epoll()
         self._open: dict[int, Any] = {}  # every connection, by file descriptor
         self._idle: dict[int, Any] = {}  # those waiting for their next request
@@ -98,6 +105,9 @@ class ThreadWorker(_GunicornThreadWorker):  # type: ignore[misc]
         return bool(super().is_parent_alive())
 
     def run(self) -> None:
+        if not _EPOLL:
+            super().run()
+            return
         for _ in range(self.cfg.threads):
             threading.Thread(target=self._serve, daemon=True).start()
         self.poller.register(self.method_queue.fileno(), 1, self.method_queue.run_callbacks)
@@ -148,6 +158,9 @@ class ThreadWorker(_GunicornThreadWorker):  # type: ignore[misc]
                 self._close(conn)
 
     def accept(self, listener: Any) -> None:
+        if not _EPOLL:
+            super().accept(listener)
+            return
         try:
             sock, addr = listener.accept()
         except OSError as e:

@@ -109,7 +109,8 @@ def test_flush_writes_what_is_waiting(logger: logging.Logger) -> None:
 
 def test_a_forked_child_writes_its_own_lines(logger: logging.Logger) -> None:
     """gunicorn forks workers from a master whose handlers already exist; the
-    flusher thread does not survive a fork, so the child must start its own."""
+    flusher thread does not survive a fork, so the child must start its own
+    (without one the child's line stays pending until it leaves)."""
     read_fd, write_fd = os.pipe()
     handler = BatchingStreamHandler(os.fdopen(write_fd, "w"), flush_interval=0.05)
     logger.addHandler(handler)
@@ -119,7 +120,7 @@ def test_a_forked_child_writes_its_own_lines(logger: logging.Logger) -> None:
     if pid == 0:  # the child: log, let the flusher work, leave without any exit flush
         try:
             logger.info("child")
-            time.sleep(1)
+            wait_until(lambda: not handler._pending, timeout=20, what="the child's line")
         finally:
             os._exit(0)
     os.waitpid(pid, 0)

@@ -465,3 +465,24 @@ def test_an_idle_connection_is_closed_after_the_keepalive(
         while piece := client.recv(65536):  # until the proxy closes it (or a timeout)
             received += piece
     assert requests.get(proxy.url + "/status/200", timeout=10).status_code == 200
+
+
+def test_without_epoll_requests_are_dispatched_as_gunicorn_does(
+    upstream: Any, start_proxy: Any, tmp_path: Any
+) -> None:
+    """macOS and the BSDs have no epoll: the worker falls back to gunicorn's dispatch."""
+    (tmp_path / "sitecustomize.py").write_text(
+        "import select, selectors\n"
+        "del select.epoll\n"
+        "selectors.DefaultSelector = selectors.PollSelector\n"
+    )
+    config = bearer_config(upstream)
+    config["server"] = {"workers": 1, "threads": 2}
+    proxy = start_proxy(config, env={"PYTHONPATH": str(tmp_path)})
+    with requests.Session() as session:
+        for n in range(3):
+            assert session.get(f"{proxy.url}/status/200?{n}", timeout=10).status_code == 200
+    (pid,) = proxy.worker_pids()
+    fds = [os.readlink(f"/proc/{pid}/fd/{fd}") for fd in os.listdir(f"/proc/{pid}/fd")]
+    assert "anon_inode:[eventpoll]" not in fds
+    assert "Error" not in proxy.logs()
