@@ -140,7 +140,7 @@ class ThreadWorker(_GunicornThreadWorker):  # type: ignore[misc]
     def _tend(self, timeout: float) -> None:
         """One turn of the main thread: accept, relieve slow requests, expire idle connections."""
         self._dozing = True  # before looking: a request taken up after the look wakes it
-        if len(self._open) > len(self._idle):  # some connection is being served
+        if self._busy:  # a request on duty may need relieving
             self._dozing = False
             timeout = self.patience
         self.wait_for_and_dispatch_events(timeout)
@@ -188,7 +188,7 @@ class ThreadWorker(_GunicornThreadWorker):  # type: ignore[misc]
                 if conn is None:  # closed as it expired
                     continue
                 busy[me] = time.monotonic()
-                if self._dozing:  # the main thread sleeps long while nothing is served
+                if self._dozing:  # the main thread sleeps long while no request is on duty
                     self._dozing = False
                     self.method_queue.defer(_nothing)
                 try:
