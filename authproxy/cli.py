@@ -4,8 +4,12 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import re
+import shutil
+import signal
 import sys
+import textwrap
 from collections.abc import Sequence
 from typing import Any
 
@@ -29,16 +33,18 @@ def _redact_options(options: Any, key: str = "") -> Any:
 def describe(config: Config, pipeline: Any) -> str:
     """The resolved stack, secrets redacted, as ``check-config`` prints it."""
     s, up = config.server, config.upstream
-    if up.tls_verify is True:
-        tls = "verified"
+    if up.url.lower().startswith("http://"):
+        tls = "plain HTTP, no TLS"
+    elif up.tls_verify is True:
+        tls = "TLS verified"
     elif up.tls_verify is False:
-        tls = "NOT VERIFIED (tls_verify = false)"
+        tls = "TLS NOT VERIFIED (tls_verify = false)"
     else:
-        tls = f"verified against {up.tls_verify}"
+        tls = f"TLS verified against {up.tls_verify}"
     lines = [
         f"config:   {config.source}",
         f"listen:   {s.listen} ({s.workers} workers x {s.threads} threads, {s.worker_class})",
-        f"upstream: {up.url} (TLS {tls}; timeouts connect {up.connect_timeout}s,"
+        f"upstream: {up.url} ({tls}; timeouts connect {up.connect_timeout}s,"
         f" read {up.read_timeout}s; host {'preserved' if up.preserve_host else 'rewritten'})",
         f"health:   live {config.health.live}, ready {config.health.ready}",
         "pipeline, outermost first:",
@@ -78,16 +84,46 @@ def cmd_serve(args: argparse.Namespace) -> int:
     return 0
 
 
+def config_warnings(config: Config, pipeline: Any) -> list[str]:
+    """What would make the configured proxy refuse every request, though the config is valid.
+
+    A step that can be unready says so through ``check_ready()`` (the identity
+    step while it holds no signing keys); ``/readyz`` asks the same.
+    """
+    found = []
+    for (_name, step), spec in zip(pipeline.steps, config.pipeline, strict=True):
+        check_ready = getattr(step, "check_ready", None)
+        if not callable(check_ready) or check_ready():
+            continue
+        certs_url = getattr(step, "certs_url", None)
+        if certs_url:
+            why = f"no signing keys could be fetched from {certs_url}: every request is refused"
+        else:
+            why = "not ready: every request may be refused and /readyz answers 503"
+        found.append(f"WARNING: {spec.where}: {why}")
+    return found
+
+
 def cmd_check_config(args: argparse.Namespace) -> int:
     from .pipeline import build_app
 
     config = _load(args)
     pipeline = build_app(config)
     try:
+        found = config_warnings(config, pipeline)
+        for line in found:
+            print(line, file=sys.stderr)
+        sys.stderr.flush()  # the warnings before the stack, on a terminal too
         print(describe(config, pipeline))
     finally:
         pipeline.close()
-    print("ok")
+    if not found:
+        print("ok")
+        return 0
+    if args.strict:
+        print(f"failed: {len(found)} warning(s) above, and --strict makes them errors")
+        return 1
+    print(f"ok, with {len(found)} warning(s) above (--strict fails on them)")
     return 0
 
 
@@ -122,11 +158,31 @@ def _describe_plugin(plugin: plugins.Plugin, clash: list[plugins.Plugin]) -> lis
         rows.append(("...", "", "", "other options are passed through unchecked"))
     header = ("option", "type", "default", "")
     widths = [max(len(r[i]) for r in [header, *rows]) for i in range(3)]
+    indent = 2 + sum(widths) + 2 * 3
+    width = _wrap_width()
     for row in [header, *rows]:
-        cells = [c.ljust(w) for c, w in zip(row[:3], widths, strict=True)]
-        doc = row[3] if len(row[3]) <= 72 else row[3][:71] + "…"
-        lines.append(("  " + "  ".join(cells) + "  " + doc).rstrip())
+        cells = "  " + "  ".join(c.ljust(w) for c, w in zip(row[:3], widths, strict=True))
+        if not row[3] or width is None:
+            lines.append((cells + "  " + row[3]).rstrip())
+        elif width - indent >= 40:
+            # Wrapped in the column, never cut: the whole text is the reference.
+            wrapped = textwrap.wrap(row[3], width - indent)
+            lines.append(cells + "  " + wrapped[0])
+            lines.extend(" " * indent + more for more in wrapped[1:])
+        else:
+            lines.append(cells.rstrip())
+            lines.extend(
+                textwrap.wrap(row[3], width, initial_indent=" " * 6, subsequent_indent=" " * 6)
+            )
     return lines
+
+
+def _wrap_width() -> int | None:
+    """The terminal's width; None when the output is no terminal (a pipe, a file):
+    then each text is printed whole on its line, for grep."""
+    if not sys.stdout.isatty():
+        return None
+    return shutil.get_terminal_size().columns
 
 
 def cmd_plugins(args: argparse.Namespace) -> int:
@@ -164,6 +220,11 @@ def build_parser() -> argparse.ArgumentParser:
     serve.set_defaults(func=cmd_serve)
     check = sub.add_parser("check-config", help="validate and print the stack, secrets redacted")
     check.add_argument("--config", help="TOML file (default: $AUTHPROXY_CONFIG, ./authproxy.toml)")
+    check.add_argument(
+        "--strict",
+        action="store_true",
+        help="exit 1 on a warning too (e.g. the identity step could fetch no keys)",
+    )
     check.set_defaults(func=cmd_check_config)
     plug = sub.add_parser("plugins", help="list installed pipeline steps and their options")
     plug.add_argument("name", nargs="?", help="show only this step")
@@ -180,7 +241,17 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
-        return int(args.func(args))
+        code = int(args.func(args))
+        sys.stdout.flush()  # here, so that a closed pipe is caught below
+        return code
+    except BrokenPipeError:
+        # The reader left early (`authproxy plugins | head`): stop quietly, as a
+        # program killed by SIGPIPE would. stdout goes to /dev/null so that the
+        # interpreter's own flush at exit does not fail again (Python's
+        # documented recipe, signal module, "Note on SIGPIPE").
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, sys.stdout.fileno())
+        return 128 + signal.SIGPIPE
     except ConfigError as exc:
         print(f"authproxy: configuration error: {exc}", file=sys.stderr)
         return 2

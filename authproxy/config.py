@@ -6,8 +6,15 @@ Where the configuration comes from, first match wins:
 2. ``$AUTHPROXY_CONFIG``;
 3. ``./authproxy.toml``;
 4. the Go sidecar's variables: ``DASHBOARD_PROXY_URL`` (upstream),
-   ``LISTEN_ADDRESS`` (``:8080`` style) and ``DASHBOARD_TOKEN`` (injected as
-   ``Authorization: Bearer ...``), with a JSON access log.
+   ``LISTEN_ADDRESS`` (``:8080`` style, default ``0.0.0.0:8000``) and
+   ``DASHBOARD_TOKEN`` (required, injected as ``Authorization: Bearer ...``),
+   with a JSON access log.
+
+A file named by 1 or 2 wins over ``DASHBOARD_PROXY_URL`` with a warning that
+names both. ``./authproxy.toml`` beside ``DASHBOARD_PROXY_URL`` is an error:
+nothing said which of the two was meant, and a stray file must not silently
+replace a working drop-in's upstream and token. The source that was loaded is
+logged at INFO (``authproxy.config``), never a value from it.
 
 Every error is a :class:`~authproxy.errors.ConfigError` that names the key.
 """
@@ -15,7 +22,10 @@ Every error is a :class:`~authproxy.errors.ConfigError` that names the key.
 from __future__ import annotations
 
 import dataclasses
+import functools
+import logging
 import os
+import socket
 import tomllib
 import typing
 from collections.abc import Mapping
@@ -27,6 +37,13 @@ from ._types import conforms, describe
 from .errors import ConfigError
 
 DEFAULT_FILE = "authproxy.toml"
+#: The Go sidecar's variables, in the order its README lists them.
+GO_VARIABLES = ("DASHBOARD_PROXY_URL", "DASHBOARD_TOKEN", "LISTEN_ADDRESS")
+#: gunicorn's own bounds for its request limits (gunicorn.http.message).
+_MAX_REQUEST_LINE = 8190
+_MAX_REQUEST_FIELDS = 32768
+
+log = logging.getLogger("authproxy.config")
 _WORKER_CLASSES = ("gthread", "sync", "gevent", "eventlet", "tornado")
 _LOG_LEVELS = ("debug", "info", "warning", "error", "critical")
 
@@ -49,6 +66,14 @@ class ServerConfig:
     #: connections over the workers instead of the first to wake taking most;
     #: off by default: connections queued at a stalled worker wait for it.
     reuse_port: bool = False
+    #: longest request line (method, target, version) in bytes; longer: 414.
+    #: 0 to 8190 (gunicorn's ceiling; 0 lets gunicorn take up to that).
+    limit_request_line: int = 4094
+    #: most header fields in a request; more: 431. 1 to 32768.
+    limit_request_fields: int = 100
+    #: longest header field (name and value) in bytes; longer: 431. An Access
+    #: cookie plus the app's own cookies can pass the default.
+    limit_request_field_size: int = 8190
 
 
 @dataclass(frozen=True)
@@ -168,6 +193,7 @@ def from_mapping(data: Mapping[str, Any], source: str = "<python>") -> Config:
         raise ConfigError(
             "server.log_level", f"expected one of {_LOG_LEVELS}, got {server.log_level!r}"
         )
+    _check_limits(server)
     if server.worker_class not in _WORKER_CLASSES:
         raise ConfigError(
             "server.worker_class", f"expected one of {_WORKER_CLASSES}, got {server.worker_class!r}"
@@ -200,6 +226,18 @@ def from_mapping(data: Mapping[str, Any], source: str = "<python>") -> Config:
     )
 
 
+def _check_limits(server: ServerConfig) -> None:
+    for key, low, high in (
+        ("limit_request_line", 0, _MAX_REQUEST_LINE),
+        ("limit_request_fields", 1, _MAX_REQUEST_FIELDS),
+        ("limit_request_field_size", 1, None),
+    ):
+        value = getattr(server, key)
+        if value < low or (high is not None and value > high):
+            expected = f"{low} to {high}" if high is not None else f"at least {low}"
+            raise ConfigError(f"server.{key}", f"expected {expected}, got {value!r}")
+
+
 def _check_listen(value: str, key: str) -> None:
     if value.startswith("unix:"):
         return
@@ -209,25 +247,62 @@ def _check_listen(value: str, key: str) -> None:
 
 
 def listen_from_go(value: str) -> str:
-    """Go's ``:8080`` means every interface."""
-    return "0.0.0.0" + value if value.startswith(":") else value
+    """Go's ``:8080`` means every interface, IPv6 and IPv4 alike: ``[::]:8080`` on a
+    machine with dual-stack IPv6 sockets, ``0.0.0.0:8080`` where it has no IPv6
+    (or its IPv6 sockets take IPv6 only). Anything else is kept as given."""
+    if not value.startswith(":"):
+        return value
+    return ("[::]" if _dual_stack() else "0.0.0.0") + value
+
+
+@functools.cache
+def _dual_stack() -> bool:
+    """True if a socket bound to ``::`` here also takes IPv4 clients.
+
+    gunicorn leaves ``IPV6_V6ONLY`` at the system's default
+    (``net.ipv6.bindv6only``, 0 on Linux): a socket that comes up with it set
+    would shut IPv4 clients (the kubelet's probes, often) out.
+    """
+    if not socket.has_ipv6:
+        return False
+    try:
+        with socket.socket(socket.AF_INET6, socket.SOCK_STREAM) as probe:
+            if probe.getsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY):
+                return False
+            probe.bind(("::", 0))
+    except OSError:  # no IPv6 in this kernel or network namespace
+        return False
+    return True
 
 
 def from_environment(env: Mapping[str, str]) -> Config:
-    """The Go sidecar's configuration: DASHBOARD_PROXY_URL, LISTEN_ADDRESS, DASHBOARD_TOKEN."""
-    pipeline: list[dict[str, Any]] = [{"use": "access-log", "format": "json"}]
+    """The Go sidecar's configuration: DASHBOARD_PROXY_URL, LISTEN_ADDRESS, DASHBOARD_TOKEN.
+
+    As in the Go program, ``DASHBOARD_TOKEN`` is required: a drop-in that
+    started without it would forward the client's own ``Authorization``.
+    """
     token = env.get("DASHBOARD_TOKEN")
-    if token:
-        value = "Bearer " + token.replace("$", "$$")  # a literal, never a template
-        pipeline.append({"use": "inject-headers", "set": {"Authorization": value}})
+    if not token:
+        state = "is empty" if token is not None else "is not set"
+        raise ConfigError(
+            "DASHBOARD_TOKEN",
+            f"required with DASHBOARD_PROXY_URL (the token injected as Authorization: Bearer),"
+            f" but it {state}",
+        )
+    value = "Bearer " + token.replace("$", "$$")  # a literal, never a template
+    pipeline: list[dict[str, Any]] = [
+        {"use": "access-log", "format": "json"},
+        {"use": "inject-headers", "set": {"Authorization": value}},
+    ]
     data: dict[str, Any] = {
-        "upstream": {"url": env["DASHBOARD_PROXY_URL"]},
+        "upstream": {"url": env.get("DASHBOARD_PROXY_URL", "")},
         "pipeline": pipeline,
     }
     if env.get("LISTEN_ADDRESS"):
         data["server"] = {"listen": listen_from_go(env["LISTEN_ADDRESS"])}
+    used = ", ".join(name for name in GO_VARIABLES if env.get(name))
     try:
-        return from_mapping(data, source="environment (DASHBOARD_PROXY_URL)")
+        return from_mapping(data, source=f"environment ({used})")
     except ConfigError as exc:
         names = {"upstream.url": "DASHBOARD_PROXY_URL", "server.listen": "LISTEN_ADDRESS"}
         raise ConfigError(names.get(exc.key, exc.key), exc.problem) from None
@@ -249,15 +324,36 @@ def load_file(path: str) -> Config:
 def load_config(path: str | None = None, env: Mapping[str, str] | None = None) -> Config:
     """Find and load the configuration (see the module docstring for the order)."""
     env = os.environ if env is None else env
+    go_mode = bool(env.get("DASHBOARD_PROXY_URL"))
     path = path or env.get("AUTHPROXY_CONFIG")
+    if not path and os.path.exists(DEFAULT_FILE):
+        if go_mode:
+            raise ConfigError(
+                DEFAULT_FILE,
+                f"found in {os.getcwd()} while DASHBOARD_PROXY_URL is set: pass"
+                f" --config {DEFAULT_FILE} (or set AUTHPROXY_CONFIG) to use the file, or"
+                " remove the file to use the Go variables",
+            )
+        path = DEFAULT_FILE
     if path:
-        return load_file(path)
-    if os.path.exists(DEFAULT_FILE):
-        return load_file(DEFAULT_FILE)
-    if env.get("DASHBOARD_PROXY_URL"):
-        return from_environment(env)
-    raise ConfigError(
-        "upstream.url",
-        "no configuration: pass --config PATH, set AUTHPROXY_CONFIG, create ./authproxy.toml, "
-        "or set DASHBOARD_PROXY_URL",
-    )
+        config = load_file(path)
+        shown = os.path.abspath(path)
+        if go_mode:
+            log.warning(
+                "configuration file %s is used; DASHBOARD_PROXY_URL and the other Go"
+                " variables are ignored",
+                shown,
+            )
+    elif go_mode:
+        config = from_environment(env)
+        shown = config.source
+    else:
+        stray = [name for name in GO_VARIABLES if env.get(name)]
+        hint = f" ({' and '.join(stray)} alone are not enough)" if stray else ""
+        raise ConfigError(
+            "DASHBOARD_PROXY_URL" if stray else "upstream.url",
+            "no configuration: pass --config PATH, set AUTHPROXY_CONFIG, create ./authproxy.toml, "
+            f"or set DASHBOARD_PROXY_URL and DASHBOARD_TOKEN{hint}",
+        )
+    log.info("configuration: %s", shown)
+    return config

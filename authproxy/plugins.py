@@ -16,6 +16,8 @@ import difflib
 import inspect
 import re
 import sys
+import types
+import typing
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from importlib.metadata import EntryPoint, entry_points
@@ -32,6 +34,7 @@ Factory = Callable[..., Any]
 
 # An option whose name says it holds a credential is never echoed in an error.
 _SECRET_NAME = re.compile(r"token|secret|password|passwd|credential", re.I)
+_UNIONS = (typing.Union, types.UnionType)
 _PARAM_DOC = re.compile(r":param\s+(\w+):\s*(.+?)(?=\n\s*:\w|\n\s*\n|\Z)", re.S)
 
 
@@ -119,9 +122,9 @@ def load(name: str, where: str = "use") -> Factory:
 
 
 def summary(factory: Factory) -> str:
-    """The first line of the factory's docstring."""
-    doc = inspect.getdoc(factory) or ""
-    return doc.strip().splitlines()[0] if doc.strip() else ""
+    """The first paragraph of the factory's docstring, on one line."""
+    doc = (inspect.getdoc(factory) or "").strip()
+    return " ".join(doc.split("\n\n")[0].split())
 
 
 def _param_docs(factory: Factory) -> dict[str, str]:
@@ -212,12 +215,38 @@ def check(factory: Factory, values: Mapping[str, Any], where: str) -> None:
                 f"unknown option (value {_shown(key, value)}); {hint}this step takes: {known}",
             )
         if not conforms(value, option.hint):
-            raise PluginError(f"{where}.{key}", f"expected {option.type}, got {_shown(key, value)}")
+            inner, hint, bad = _misfit(value, option.hint)
+            raise PluginError(
+                f"{where}.{key}{inner}", f"expected {describe(hint)}, got {_shown(key + inner, bad)}"
+            )
     for option in declared:
         if option.required and option.name not in values:
             raise PluginError(
                 f"{where}.{option.name}", f"required option missing, expected {option.type}"
             )
+
+
+def _misfit(value: Any, hint: Any) -> tuple[str, Any, Any]:
+    """Where in *value* (a table or an array) the part that does not fit *hint* is:
+    ``(".Authorization", str, 5)`` for ``{Authorization = 5}`` against
+    ``dict[str, str] | None``, so that the error names the inner key. ``("", hint,
+    value)`` when the value itself is the wrong kind."""
+    members = typing.get_args(hint) if typing.get_origin(hint) in _UNIONS else (hint,)
+    for member in members:
+        origin, args = typing.get_origin(member), typing.get_args(member)
+        if isinstance(value, Mapping) and origin in (dict, Mapping) and len(args) == 2:
+            for k, v in value.items():
+                if not conforms(k, args[0]):
+                    return f".{k}", args[0], k
+                if not conforms(v, args[1]):
+                    inner, inner_hint, bad = _misfit(v, args[1])
+                    return f".{k}{inner}", inner_hint, bad
+        if isinstance(value, (list, tuple)) and origin in (list, tuple) and args:
+            for i, v in enumerate(value):
+                if not conforms(v, args[0]):
+                    inner, inner_hint, bad = _misfit(v, args[0])
+                    return f"[{i}]{inner}", inner_hint, bad
+    return "", hint, value
 
 
 def instantiate(factory: Factory, app: Any, values: Mapping[str, Any], where: str) -> Any:

@@ -21,7 +21,8 @@ def gunicorn_settings(config: Config) -> dict[str, Any]:
     return {
         "bind": [s.listen],
         "workers": s.workers,
-        "threads": s.threads,
+        # gunicorn swaps "sync" for its gthread worker when threads > 1.
+        "threads": 1 if s.worker_class == "sync" else s.threads,
         # authproxy.workers.ThreadWorker: gunicorn's gthread, lighter per request.
         "worker_class": _WORKER_CLASSES.get(s.worker_class, s.worker_class),
         # gunicorn takes whole seconds here.
@@ -31,6 +32,9 @@ def gunicorn_settings(config: Config) -> dict[str, Any]:
         "forwarded_allow_ips": s.forwarded_allow_ips,
         # Workers binding one Unix socket path would unlink each other's.
         "reuse_port": s.reuse_port and not s.listen.startswith("unix:"),
+        "limit_request_line": s.limit_request_line,
+        "limit_request_fields": s.limit_request_fields,
+        "limit_request_field_size": s.limit_request_field_size,
         "accesslog": None,  # the pipeline's access-log step writes the access log
         "logger_class": "authproxy.server.GunicornLogger",
         "errorlog": "-",

@@ -95,7 +95,7 @@ class Identity:
         *,
         provider: str = "cloudflare-access",
         team_domain: str | None = None,
-        audience: str | list[str] | None = None,
+        audience: str | list[str],
         certs_url: str | None = None,
         issuer: str | None = None,
         header: str | None = None,
