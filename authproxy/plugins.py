@@ -227,10 +227,10 @@ def check(factory: Factory, values: Mapping[str, Any], where: str) -> None:
 
 
 def _misfit(value: Any, hint: Any) -> tuple[str, Any, Any]:
-    """Where in *value* (a table or an array) the part that does not fit *hint* is:
+    """Where in *value* (a table) the part that does not fit *hint* is:
     ``(".Authorization", str, 5)`` for ``{Authorization = 5}`` against
     ``dict[str, str] | None``, so that the error names the inner key. ``("", hint,
-    value)`` when the value itself is the wrong kind."""
+    value)`` when the value itself is the wrong kind. An array is shown whole."""
     members = typing.get_args(hint) if typing.get_origin(hint) in _UNIONS else (hint,)
     for member in members:
         origin, args = typing.get_origin(member), typing.get_args(member)
@@ -241,11 +241,6 @@ def _misfit(value: Any, hint: Any) -> tuple[str, Any, Any]:
                 if not conforms(v, args[1]):
                     inner, inner_hint, bad = _misfit(v, args[1])
                     return f".{k}{inner}", inner_hint, bad
-        if isinstance(value, (list, tuple)) and origin in (list, tuple) and args:
-            for i, v in enumerate(value):
-                if not conforms(v, args[0]):
-                    inner, inner_hint, bad = _misfit(v, args[0])
-                    return f"[{i}]{inner}", inner_hint, bad
     return "", hint, value
 
 

@@ -10,6 +10,7 @@ from typing import Any
 import pytest
 
 from authproxy.cli import _load, build_parser, main
+from authproxy.config import listen_from_go
 
 from .support import TOKEN, free_port, write_toml
 
@@ -77,8 +78,8 @@ def test_check_config_from_the_go_variables(
     code, out, err = check(capsys)
     assert code == 0, err
     assert TOKEN not in out + err
-    assert "environment (DASHBOARD_PROXY_URL)" in out
-    assert "0.0.0.0:8080" in out
+    assert "environment (DASHBOARD_PROXY_URL, DASHBOARD_TOKEN, LISTEN_ADDRESS)" in out
+    assert listen_from_go(":8080") in out
     assert "inject-headers" in out
 
 
@@ -178,7 +179,7 @@ def test_listen_flag_overrides_the_file(tmp_path: Path) -> None:
     path = config_file(tmp_path, config)
     args = build_parser().parse_args(["serve", "--config", path, "--listen", ":9000"])
     config = _load(args)
-    assert config.server.listen == "0.0.0.0:9000"
+    assert config.server.listen in ("[::]:9000", "0.0.0.0:9000")
     assert config.upstream.url == "http://x"
 
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import socket
 import typing
 from collections.abc import Mapping
 from pathlib import Path
@@ -12,6 +13,7 @@ import pytest
 from authproxy._types import conforms, describe
 from authproxy.config import (
     Config,
+    _dual_stack,
     from_environment,
     from_mapping,
     listen_from_go,
@@ -19,6 +21,7 @@ from authproxy.config import (
     load_file,
 )
 from authproxy.errors import ConfigError
+from authproxy.server import gunicorn_settings
 
 from .support import TOKEN
 
@@ -168,13 +171,56 @@ def test_sources_in_order(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> No
     monkeypatch.chdir(tmp_path)
     flag = write(tmp_path / "flag.toml", "http://flag")
     env_file = write(tmp_path / "env.toml", "http://env-file")
-    go_env = {"DASHBOARD_PROXY_URL": "http://go-env"}
+    go_env = {"DASHBOARD_PROXY_URL": "http://go-env", "DASHBOARD_TOKEN": TOKEN}
     assert load_config(None, go_env).upstream.url == "http://go-env"
     write(tmp_path / "authproxy.toml", "http://cwd")
-    assert load_config(None, go_env).upstream.url == "http://cwd"
+    assert load_config(None, {}).upstream.url == "http://cwd"
     env = {**go_env, "AUTHPROXY_CONFIG": str(env_file)}
     assert load_config(None, env).upstream.url == "http://env-file"
     assert load_config(str(flag), env).upstream.url == "http://flag"
+
+
+def test_a_found_file_beside_the_go_variables_is_an_error(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A stray ./authproxy.toml must not silently replace a drop-in's upstream and token."""
+    monkeypatch.chdir(tmp_path)
+    write(tmp_path / "authproxy.toml", "http://cwd")
+    with pytest.raises(ConfigError) as err:
+        load_config(None, {"DASHBOARD_PROXY_URL": "http://go-env", "DASHBOARD_TOKEN": TOKEN})
+    assert err.value.key == "authproxy.toml"
+    assert "DASHBOARD_PROXY_URL" in err.value.problem and "--config" in err.value.problem
+    assert TOKEN not in str(err.value)
+
+
+def test_a_named_file_wins_over_the_go_variables_with_a_warning(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    named = write(tmp_path / "named.toml", "http://named")
+    env = {"DASHBOARD_PROXY_URL": "http://go-env", "DASHBOARD_TOKEN": TOKEN}
+    by_flag = load_config(str(named), env)
+    by_env = load_config(None, {**env, "AUTHPROXY_CONFIG": str(named)})
+    assert by_flag.upstream.url == by_env.upstream.url == "http://named"
+    warnings = [r for r in caplog.records if r.levelname == "WARNING"]
+    assert len(warnings) == 2
+    for record in warnings:
+        assert str(named) in record.getMessage() and "DASHBOARD_PROXY_URL" in record.getMessage()
+
+
+def test_the_loaded_source_is_logged_without_secrets(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    monkeypatch.chdir(tmp_path)
+    env = {"DASHBOARD_PROXY_URL": "http://go-env", "DASHBOARD_TOKEN": TOKEN}
+    load_config(None, env)
+    write(tmp_path / "authproxy.toml", "http://cwd")
+    load_config(None, {})
+    records = [r for r in caplog.records if r.name == "authproxy.config"]
+    assert [r.getMessage() for r in records] == [
+        "configuration: environment (DASHBOARD_PROXY_URL, DASHBOARD_TOKEN)",
+        f"configuration: {tmp_path / 'authproxy.toml'}",
+    ]
+    assert all(r.levelname == "INFO" for r in records)
 
 
 def test_no_configuration_at_all(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
@@ -183,6 +229,10 @@ def test_no_configuration_at_all(tmp_path: Path, monkeypatch: pytest.MonkeyPatch
         load_config(None, {})
     assert err.value.key == "upstream.url"
     assert "DASHBOARD_PROXY_URL" in err.value.problem
+    with pytest.raises(ConfigError) as err:
+        load_config(None, {"DASHBOARD_TOKEN": TOKEN})
+    assert err.value.key == "DASHBOARD_PROXY_URL"
+    assert "DASHBOARD_TOKEN alone" in err.value.problem and TOKEN not in str(err.value)
 
 
 def test_go_sidecar_variables() -> None:
@@ -195,7 +245,7 @@ def test_go_sidecar_variables() -> None:
     )
     assert config.upstream.url == "https://dash.svc"
     assert config.upstream.tls_verify is True
-    assert config.server.listen == "0.0.0.0:8080"
+    assert config.server.listen == listen_from_go(":8080")
     assert [(s.use, dict(s.options)) for s in config.pipeline] == [
         ("access-log", {"format": "json"}),
         ("inject-headers", {"set": {"Authorization": f"Bearer {TOKEN}"}}),
@@ -208,32 +258,80 @@ def test_go_sidecar_token_is_a_literal_not_a_template() -> None:
     assert config.pipeline[1].options == {"set": {"Authorization": "Bearer a$${env:HOME}$$"}}
 
 
-def test_go_sidecar_without_token_or_listen() -> None:
-    config = from_environment({"DASHBOARD_PROXY_URL": "http://x"})
-    assert [s.use for s in config.pipeline] == ["access-log"]
+def test_go_sidecar_without_listen_address() -> None:
+    config = from_environment({"DASHBOARD_PROXY_URL": "http://x", "DASHBOARD_TOKEN": TOKEN})
     assert config.server.listen == "0.0.0.0:8000"
+
+
+@pytest.mark.parametrize("token", [None, ""], ids=["missing", "empty"])
+def test_go_sidecar_requires_the_token(token: str | None) -> None:
+    """As the Go program's requireEnv: no token, no proxy (it would forward the
+    client's own Authorization)."""
+    env = {"DASHBOARD_PROXY_URL": "http://x"}
+    if token is not None:
+        env["DASHBOARD_TOKEN"] = token
+    with pytest.raises(ConfigError) as err:
+        from_environment(env)
+    assert err.value.key == "DASHBOARD_TOKEN"
+    assert ("empty" if token == "" else "not set") in err.value.problem
+
+
+GO = {"DASHBOARD_TOKEN": TOKEN}
 
 
 @pytest.mark.parametrize(
     ("env", "name"),
     [
-        ({"DASHBOARD_PROXY_URL": "ftp://x"}, "DASHBOARD_PROXY_URL"),
-        ({"DASHBOARD_PROXY_URL": "dashboard:443"}, "DASHBOARD_PROXY_URL"),
-        ({"DASHBOARD_PROXY_URL": "http://x", "LISTEN_ADDRESS": "8080"}, "LISTEN_ADDRESS"),
+        ({**GO, "DASHBOARD_PROXY_URL": "ftp://x"}, "DASHBOARD_PROXY_URL"),
+        ({**GO, "DASHBOARD_PROXY_URL": "dashboard:443"}, "DASHBOARD_PROXY_URL"),
+        ({**GO, "DASHBOARD_PROXY_URL": "http://x", "LISTEN_ADDRESS": "8080"}, "LISTEN_ADDRESS"),
     ],
 )
 def test_go_sidecar_errors_name_the_variable(env: dict[str, str], name: str) -> None:
     with pytest.raises(ConfigError) as err:
         from_environment(env)
     assert err.value.key == name
+    assert TOKEN not in str(err.value)
+
+
+def test_listen_from_go_takes_ipv6_and_ipv4_where_it_can() -> None:
+    assert listen_from_go(":8080") in ("[::]:8080", "0.0.0.0:8080")
+    if socket.has_ipv6 and _dual_stack():
+        assert listen_from_go(":8080") == "[::]:8080"
 
 
 @pytest.mark.parametrize(
     ("value", "listen"),
-    [(":8080", "0.0.0.0:8080"), ("127.0.0.1:80", "127.0.0.1:80"), ("[::1]:80", "[::1]:80")],
+    [("127.0.0.1:80", "127.0.0.1:80"), ("[::1]:80", "[::1]:80"), ("0.0.0.0:80", "0.0.0.0:80")],
 )
-def test_listen_from_go(value: str, listen: str) -> None:
+def test_listen_from_go_keeps_a_host(value: str, listen: str) -> None:
     assert listen_from_go(value) == listen
+
+
+@pytest.mark.parametrize(
+    ("key", "value", "words"),
+    [
+        ("limit_request_line", -1, "0 to 8190"),
+        ("limit_request_line", 8191, "0 to 8190"),
+        ("limit_request_fields", 0, "1 to 32768"),
+        ("limit_request_fields", 40000, "1 to 32768"),
+        ("limit_request_field_size", 0, "at least 1"),
+        ("limit_request_field_size", "16k", "int"),
+    ],
+)
+def test_request_limits_are_checked(key: str, value: Any, words: str) -> None:
+    with pytest.raises(ConfigError) as err:
+        from_mapping({"upstream": UP, "server": {key: value}})
+    assert err.value.key == f"server.{key}"
+    assert words in err.value.problem
+
+
+def test_request_limits_reach_gunicorn() -> None:
+    config = from_mapping({"upstream": UP, "server": {"limit_request_field_size": 16384}})
+    settings = gunicorn_settings(config)
+    assert settings["limit_request_field_size"] == 16384
+    # gunicorn's own defaults otherwise
+    assert (settings["limit_request_line"], settings["limit_request_fields"]) == (4094, 100)
 
 
 def test_replace_keeps_the_rest() -> None:
