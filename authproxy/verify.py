@@ -126,8 +126,10 @@ class TokenVerifier:
         service_token_claim: str | None,
         cache_size: int,
         cache_ttl: float,
+        groups_claim: str | None = None,
     ) -> None:
         self.keys = keys
+        self.groups_claim = groups_claim
         self.algorithms = frozenset(algorithms)
         self.audience = list(audience)
         self.issuer = issuer
@@ -203,4 +205,18 @@ class TokenVerifier:
             service_token=service_token,
             issuer=str(claims.get("iss")),
             claims=types.MappingProxyType(dict(claims)),
+            groups=self._groups(claims),
         )
+
+    def _groups(self, claims: Mapping[str, Any]) -> tuple[str, ...]:
+        """The groups claim: absent -> none, a string -> one group, a list of strings."""
+        if self.groups_claim is None:
+            return ()
+        value = claims.get(self.groups_claim)
+        if value is None:
+            return ()
+        if isinstance(value, str):
+            return (value,)
+        if isinstance(value, list) and all(isinstance(g, str) for g in value):
+            return tuple(value)
+        raise Refused(f"claim {self.groups_claim!r} is not a list of group names")
