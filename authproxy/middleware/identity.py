@@ -67,14 +67,15 @@ class Identity:
         if any item is accepted. All ``allow_*`` lists empty: any verified identity
         passes; otherwise an identity passes when any one rule matches it.
     :param allow_groups: groups allowed (any one suffices; exact, case-sensitive).
-        Needs ``groups``.
     :param groups: where the person's groups come from, for ``allow_groups``,
         ``${identity:groups}`` and the ``impersonate`` step: ``"access"``
         (cloudflare-access only: asked of Access's ``get-identity`` endpoint with
         the verified token, once per token; when that fails the request gets
         ``503``, never "no groups"; service tokens have none) or
         ``"claim:<name>"`` (a claim of the token: a list of strings, or one
-        string; absent: none; anything else: ``403``). Default: no groups.
+        string; absent: none; anything else: ``403``). Default: the token's
+        ``groups`` claim when it holds names, else none (Access app tokens carry
+        none: ``allow_groups`` with ``cloudflare-access`` needs ``"access"``).
     :param identity_url: the ``get-identity`` endpoint; overrides the one derived
         from ``team_domain``. ``https://`` (``http://`` only for loopback addresses).
     :param groups_timeout: seconds one ``get-identity`` call may take.
@@ -183,9 +184,9 @@ class Identity:
             claims=allow_claims,
             groups=allow_groups,
         )
-        if self.policy.groups and settings.groups is None:
+        if self.policy.groups and settings.groups is None and provider == "cloudflare-access":
             raise ConfigError(
-                "allow_groups", 'needs the groups option ("access" or "claim:<name>")'
+                "allow_groups", 'Access tokens carry no groups: set groups = "access"'
             )
         self.groups = settings.groups
         self.identity_headers = _identity_headers(identity_headers)
@@ -223,7 +224,9 @@ class Identity:
             service_token_claim=settings.service_token_claim,
             cache_size=token_cache_size,
             cache_ttl=token_cache_ttl,
-            groups_claim=settings.groups_claim,
+            # Unset, the token's "groups" claim, if it holds names (Access's has none).
+            groups_claim=settings.groups_claim if settings.groups else "groups",
+            strict_groups=settings.groups is not None,
         )
 
     def __call__(self, environ: WSGIEnvironment, start_response: StartResponse) -> Iterable[bytes]:
@@ -303,7 +306,7 @@ class Identity:
             "groups": (
                 self.access_groups.describe()
                 if self.access_groups is not None
-                else self.groups or "none"
+                else self.groups or "claim:groups (if it holds names)"
             ),
             "policy": self.policy.describe(),
             "identity_headers": {h: f for h, _, f in self.identity_headers},
