@@ -9,6 +9,9 @@
     app = Identity(app, provider="cloudflare-access",
                    team_domain="myteam.cloudflareaccess.com", audience="<AUD tag>")
     app = AccessLog(app)
+
+``Impersonate`` (between ``InjectHeaders`` and ``Identity``) makes a Kubernetes
+upstream act as the verified person instead of as the injected service account.
 """
 
 from __future__ import annotations
@@ -31,6 +34,7 @@ from .errors import (
 from .forwarder import Forwarder
 from .middleware.access_log import AccessLog
 from .middleware.health import Health
+from .middleware.impersonate import Impersonate
 from .middleware.inject import InjectHeaders
 from .middleware.request_id import RequestId
 from .pipeline import Pipeline, build_app
@@ -56,6 +60,7 @@ __all__ = [
     "Forwarder",
     "Health",
     "Identity",
+    "Impersonate",
     "InjectHeaders",
     "Pipeline",
     "PluginError",

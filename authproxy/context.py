@@ -15,7 +15,20 @@ Middlewares never import each other; they talk through these environ keys.
 ``authproxy.tunnel_bytes_in``     bytes relayed client -> upstream by an Upgrade tunnel
 ``authproxy.tunnel_bytes_out``    bytes relayed upstream -> client by an Upgrade tunnel
 ``authproxy.tunnel_end``          why the tunnel ended: closed, idle, lifetime, reset, error
+``authproxy.extra_headers``       upstream header lines that ``HTTP_*`` keys cannot carry
+                                  (one name, several lines): a list of ``(name, value)``
+                                  pairs, see :func:`add_upstream_header`
 ================================  =====================================================
+
+``authproxy.extra_headers`` is the one way to send a header name more than once
+(``Impersonate-Group: sre`` and ``Impersonate-Group: dev`` on separate lines): an
+environ key holds one value, and a comma-joined one is a single group to the
+Kubernetes API. The forwarder sends the pairs, in list order and each as its own
+line, after the headers it builds from ``HTTP_*`` keys, without merging or
+re-casing them. A step adds to the list with :func:`add_upstream_header`, which
+refuses a name or value that could split the header block (CR, LF, NUL, ``:``
+in the name). Absent or empty: nothing extra is sent (the common case costs one
+dict lookup).
 
 Helpers: :func:`refuse` (answer with a status, the reason goes to the access
 log), :func:`register_secret` (redact a value from every log line),
@@ -46,9 +59,11 @@ STEP = "authproxy.step"
 TUNNEL_BYTES_IN = "authproxy.tunnel_bytes_in"
 TUNNEL_BYTES_OUT = "authproxy.tunnel_bytes_out"
 TUNNEL_END = "authproxy.tunnel_end"
+EXTRA_HEADERS = "authproxy.extra_headers"
 
 __all__ = [
     "CLIENT_ADDRESS",
+    "EXTRA_HEADERS",
     "IDENTITY",
     "REFUSAL",
     "REQUEST_ID",
@@ -61,6 +76,7 @@ __all__ = [
     "ClientAddress",
     "CountedBody",
     "VerifiedIdentity",
+    "add_upstream_header",
     "identity_of",
     "in_networks",
     "parse_networks",
@@ -76,7 +92,9 @@ class VerifiedIdentity:
     """Who made the request, as proven by a verified token.
 
     ``email`` is None for a service token, whose name is ``service_token``.
-    ``claims`` holds every verified claim of the token.
+    ``claims`` holds every verified claim of the token. ``groups`` holds the
+    person's group names, in the order the source gave them, when the identity
+    step was told where to find them (its ``groups`` option); else it is empty.
     """
 
     subject: str
@@ -84,6 +102,7 @@ class VerifiedIdentity:
     service_token: str | None = None
     issuer: str | None = None
     claims: Mapping[str, Any] = field(default_factory=dict)
+    groups: tuple[str, ...] = ()
 
     @property
     def name(self) -> str:
@@ -96,6 +115,26 @@ def identity_of(environ: Mapping[str, Any]) -> VerifiedIdentity | None:
     the request through unauthenticated on a public route)."""
     identity = environ.get(IDENTITY)
     return identity if isinstance(identity, VerifiedIdentity) else None
+
+
+_HEADER_NAME_BAD = frozenset(" \t\r\n\0:")
+
+
+def add_upstream_header(environ: WSGIEnvironment, name: str, value: str) -> None:
+    """Send ``name: value`` upstream as a line of its own (see ``authproxy.extra_headers``).
+
+    Call it once per line: a name given twice is sent twice, in call order.
+    *value* is WSGI text (latin-1 for the bytes to send). Raises ValueError for
+    a name that is no header name or a value holding CR, LF or NUL.
+    """
+    if not name or not _HEADER_NAME_BAD.isdisjoint(name):
+        raise ValueError(f"not a header name: {name!r}")
+    if "\r" in value or "\n" in value or "\0" in value:
+        raise ValueError(f"the value of {name} holds CR, LF or NUL")
+    extra = environ.get(EXTRA_HEADERS)
+    if extra is None:
+        environ[EXTRA_HEADERS] = extra = []
+    extra.append((name, value))
 
 
 _REASONS = {

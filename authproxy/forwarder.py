@@ -24,6 +24,7 @@ import urllib3
 from requests.adapters import HTTPAdapter
 from urllib3.exceptions import InsecureRequestWarning
 
+from .context import EXTRA_HEADERS
 from .errors import ConfigError, UpstreamError
 from .headers import (
     HOP_BY_HOP_NAMES,
@@ -31,6 +32,7 @@ from .headers import (
     REQUEST_CODINGS_KEY,
     UPGRADE_KEY,
     connection_tokens,
+    has_ctl,
     header_name,
     sanitize,
 )
@@ -66,6 +68,7 @@ _GENERIC_BODY = {
     "400 Bad Request": b"Bad Request\n",
     "411 Length Required": b"Length Required\n",
     "501 Not Implemented": b"Not Implemented\n",
+    "500 Internal Server Error": b"Internal Server Error\n",
 }
 
 
@@ -265,6 +268,10 @@ class Forwarder:
             return _error(start_response, "501 Not Implemented")
         method = environ["REQUEST_METHOD"]
         environ[UPSTREAM_URL_KEY] = self.url
+        extra = environ.get(EXTRA_HEADERS)
+        if extra and not _extra_ok(extra):
+            log.error("a step left a malformed %s entry; request refused", EXTRA_HEADERS)
+            return _error(start_response, "500 Internal Server Error")
         # An upgrade only means something on an HTTP/1.1 connection; elsewhere
         # the request is served as if it had not asked (RFC 9110 7.8 allows it).
         if (
@@ -281,10 +288,11 @@ class Forwarder:
                 body,
                 chunked,
                 self._relay,
+                extra=extra or (),
             )
         started = time.perf_counter()
         try:
-            response = self._send(method, target, self._headers(environ), body, chunked)
+            response = self._send(method, target, self._headers(environ), body, chunked, extra)
         except _ClientBodyError:
             # The client's fault (malformed chunks, a body shorter than its
             # length): the upstream got no complete request and did nothing wrong.
@@ -332,8 +340,11 @@ class Forwarder:
         headers: dict[str, str],
         body: Any,
         chunked: bool,
+        extra: list[tuple[str, str]] | None = None,
     ) -> Response:
-        return self._transport.send(method, target, headers.items(), body, chunked)
+        # Extra lines (authproxy.extra_headers) go after the rest, each on its own.
+        lines = [*headers.items(), *extra] if extra else headers.items()
+        return self._transport.send(method, target, lines, body, chunked)
 
     def _relay(
         self,
@@ -425,6 +436,21 @@ class _Stream:
         if self._wait is not None:
             self._wait.close()
         self._response.close()
+
+
+def _extra_ok(extra: Any) -> bool:
+    """True if *extra* is a list of (name, value) text pairs that cannot split the head."""
+    if not isinstance(extra, list):
+        return False
+    for pair in extra:
+        if not (isinstance(pair, tuple) and len(pair) == 2):
+            return False
+        name, value = pair
+        if not (isinstance(name, str) and isinstance(value, str)) or not name:
+            return False
+        if has_ctl(name) or has_ctl(value) or ":" in name or " " in name:
+            return False
+    return True
 
 
 def _is_streaming(headers: list[tuple[str, str]]) -> bool:

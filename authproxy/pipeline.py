@@ -5,7 +5,10 @@ Outside in::
     edge: hop-by-hop and Impersonate-* stripping, last-resort 500
     health (live/ready)  ->  request id  ->  [[pipeline]] steps in order  ->  forwarder
 
-The builder knows nothing of any step's options beyond passing them.
+The builder knows nothing of any step's options beyond passing them. A step
+whose factory has an ``authproxy_after`` attribute (a tuple of step names) must
+come after each of those steps in ``[[pipeline]]``; otherwise the config is
+refused (``impersonate`` needs ``identity`` before it).
 """
 
 from __future__ import annotations
@@ -18,6 +21,7 @@ from typing import TYPE_CHECKING, Any
 from . import plugins
 from .config import Config, from_mapping
 from .context import STEP, UPSTREAM_URL, plain_response
+from .errors import ConfigError
 from .forwarder import Forwarder
 from .headers import sanitize
 from .middleware.health import Health
@@ -56,6 +60,10 @@ class Pipeline:
 
     def __init__(self, config: Config) -> None:
         self.config = config
+        # Every step found and in a possible order before anything starts a thread.
+        factories = [plugins.load(step.use, f"{step.where}.use") for step in config.pipeline]
+        for index, (step, factory) in enumerate(zip(config.pipeline, factories, strict=True)):
+            _check_after(factory, step.where, [s.use for s in config.pipeline[:index]])
         up = config.upstream
         self.forwarder = Forwarder(
             up.url,
@@ -73,8 +81,7 @@ class Pipeline:
         )
         app: Any = _Guard(self.forwarder, "forwarder")
         built: list[tuple[str, Any]] = []
-        for step in reversed(config.pipeline):
-            factory = plugins.load(step.use, f"{step.where}.use")
+        for step, factory in reversed(list(zip(config.pipeline, factories, strict=True))):
             middleware = plugins.instantiate(factory, app, step.options, step.where)
             built.append((step.use, middleware))
             app = _Guard(middleware, step.use)
@@ -110,6 +117,18 @@ class Pipeline:
             if callable(close):
                 close()
         self.forwarder.close()
+
+
+def _check_after(factory: Any, where: str, before: list[str]) -> None:
+    """Refuse a step listed before the steps its factory says it needs first."""
+    after = getattr(factory, "authproxy_after", ())
+    if isinstance(after, str):
+        after = (after,)
+    for needed in after:
+        if needed not in before:
+            raise ConfigError(
+                where, f"needs the {needed!r} step before it in [[pipeline]] (it reads its result)"
+            )
 
 
 def _pool_size(config: Config) -> int:

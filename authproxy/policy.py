@@ -13,7 +13,13 @@ if TYPE_CHECKING:
 
 
 class Policy:
-    """Who may pass: any one matching rule; no rules at all lets every identity pass."""
+    """Who may pass: any one matching rule; no rules at all lets every identity pass.
+
+    The lists combine by "or": an identity passes when its email is listed, or
+    its domain, or its service token, or one of its groups (exact,
+    case-sensitive, as Kubernetes RBAC compares them), or a claim holds an
+    accepted value.
+    """
 
     def __init__(
         self,
@@ -22,6 +28,7 @@ class Policy:
         domains: list[str] | None,
         service_tokens: list[str] | None,
         claims: Mapping[str, str | list[str]] | None,
+        groups: list[str] | None = None,
     ) -> None:
         self.emails = frozenset(e.lower() for e in string_list(emails, "allow_emails"))
         self.domains = frozenset(
@@ -34,7 +41,10 @@ class Policy:
             name: frozenset(string_list([v] if isinstance(v, str) else v, f"allow_claims.{name}"))
             for name, v in (claims or {}).items()
         }
-        self.open = not (self.emails or self.domains or self.service_tokens or self.claims)
+        self.groups = frozenset(string_list(groups, "allow_groups"))
+        self.open = not (
+            self.emails or self.domains or self.service_tokens or self.claims or self.groups
+        )
 
     def allows(self, identity: VerifiedIdentity) -> bool:
         if self.open:
@@ -44,6 +54,8 @@ class Policy:
             if email in self.emails or email.rpartition("@")[2] in self.domains:
                 return True
         if identity.service_token is not None and identity.service_token in self.service_tokens:
+            return True
+        if self.groups and not self.groups.isdisjoint(identity.groups):
             return True
         for name, accepted in self.claims.items():
             value = identity.claims.get(name)
@@ -59,6 +71,7 @@ class Policy:
             "emails": sorted(self.emails),
             "email_domains": sorted(self.domains),
             "service_tokens": sorted(self.service_tokens),
+            "groups": sorted(self.groups),
             "claims": {k: sorted(v) for k, v in self.claims.items()},
         }
 

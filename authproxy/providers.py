@@ -23,8 +23,10 @@ from .policy import string_list
 class Provider:
     """Where a provider's token travels and how to check it.
 
-    ``certs_url`` and ``issuer`` are templates over ``{team_domain}``.
-    ``service_token_claim`` names the claim that identifies a machine client.
+    ``certs_url``, ``issuer`` and ``identity_url`` are templates over ``{team_domain}``.
+    ``service_token_claim`` names the claim that identifies a machine client;
+    ``identity_url`` is where the provider tells a person's groups
+    (``groups = "access"``), for those that have such an endpoint.
     """
 
     header: str | None
@@ -33,6 +35,7 @@ class Provider:
     issuer: str | None
     algorithms: tuple[str, ...]
     service_token_claim: str | None = None
+    identity_url: str | None = None
 
 
 PROVIDERS: Mapping[str, Provider] = types.MappingProxyType(
@@ -44,6 +47,7 @@ PROVIDERS: Mapping[str, Provider] = types.MappingProxyType(
             issuer="https://{team_domain}",
             algorithms=("RS256",),
             service_token_claim="common_name",
+            identity_url="https://{team_domain}/cdn-cgi/access/get-identity",
         ),
         "google-iap": Provider(
             header="X-Goog-Iap-Jwt-Assertion",
@@ -79,6 +83,17 @@ class Settings:
     audience: tuple[str, ...]
     algorithms: tuple[str, ...]
     service_token_claim: str | None
+    #: Where groups come from: None, ``"access"`` (fetched from ``identity_url``)
+    #: or ``"claim:<name>"`` (a claim of the token).
+    groups: str | None = None
+    identity_url: str | None = None
+
+    @property
+    def groups_claim(self) -> str | None:
+        """The claim named by ``groups = "claim:<name>"``, else None."""
+        if self.groups is not None and self.groups.startswith("claim:"):
+            return self.groups[6:]
+        return None
 
 
 def resolve(
@@ -91,6 +106,8 @@ def resolve(
     header: Any = None,
     cookie: Any = True,
     algorithms: Any = None,
+    groups: Any = None,
+    identity_url: Any = None,
 ) -> Settings:
     """Apply the options to *provider*'s preset; a :class:`ConfigError` names a wrong one."""
     if provider not in PROVIDERS:
@@ -110,6 +127,7 @@ def resolve(
     if header is not None:
         check_header_name(header, "header")
     url = certs_url or _fill(preset.certs_url, team_domain, "certs_url")
+    groups, groups_url = _groups(provider, preset, team_domain, groups, identity_url)
     return Settings(
         provider=provider,
         header=header,
@@ -119,7 +137,39 @@ def resolve(
         audience=tuple(_audience(audience)),
         algorithms=_algorithms(algorithms, preset.algorithms),
         service_token_claim=preset.service_token_claim,
+        groups=groups,
+        identity_url=groups_url,
     )
+
+
+def _groups(
+    provider: str, preset: Provider, team_domain: Any, groups: Any, identity_url: Any
+) -> tuple[str | None, str | None]:
+    """The checked ``groups`` and ``identity_url`` options."""
+    if groups is None:
+        if identity_url is not None:
+            raise ConfigError("identity_url", 'only used with groups = "access"')
+        return None, None
+    if not isinstance(groups, str):
+        raise ConfigError("groups", f'expected "access" or "claim:<name>", got {groups!r}')
+    if groups.startswith("claim:"):
+        if not groups[6:].strip() or groups[6:] != groups[6:].strip():
+            raise ConfigError("groups", f"expected a claim name after 'claim:', got {groups!r}")
+        if identity_url is not None:
+            raise ConfigError("identity_url", 'only used with groups = "access"')
+        return groups, None
+    if groups != "access":
+        raise ConfigError("groups", f'expected "access" or "claim:<name>", got {groups!r}')
+    if preset.identity_url is None:
+        raise ConfigError(
+            "groups",
+            f'"access" needs provider = "cloudflare-access", not {provider!r};'
+            ' use "claim:<name>" to read groups from the token',
+        )
+    if identity_url is not None and (not isinstance(identity_url, str) or not identity_url):
+        raise ConfigError("identity_url", f"expected a non-empty string, got {identity_url!r}")
+    url = identity_url or _fill(preset.identity_url, team_domain, "identity_url")
+    return groups, _check_url(url, "identity_url")
 
 
 def _audience(audience: Any) -> list[str]:

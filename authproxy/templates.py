@@ -27,7 +27,7 @@ from .secrets import register_secret
 log = logging.getLogger("authproxy.templates")
 
 _TOKEN = re.compile(r"\$\$|\$\{([a-z]+):([^}]*)\}|\$\{?")
-_IDENTITY_FIELDS = ("email", "subject", "service_token", "issuer", "name")
+_IDENTITY_FIELDS = ("email", "subject", "service_token", "issuer", "name", "groups")
 
 
 class FileSource:
@@ -179,20 +179,56 @@ class Template:
                 out.append(value.encode("utf-8", "surrogatepass").decode("latin-1"))
         return "".join(out)
 
+    def render_all(self, environ: Mapping[str, Any]) -> list[str] | None:
+        """Like :meth:`render`, but a list claim (``${identity:groups}``) gives one value
+        per element, in order, each with the template's other parts around it
+        (``"oidc:${identity:groups}"`` -> ``oidc:sre``, ``oidc:dev``); two list
+        claims give every combination. An empty list gives no value; None when
+        a claim is absent."""
+        if self.constant is not None:
+            return [self.constant]
+        values = [""]
+        for part in self._parts:
+            if isinstance(part, str):
+                pieces = [part]
+            elif isinstance(part, FileSource):
+                pieces = [part.get()]
+            else:
+                found = identity_values(environ.get(IDENTITY), part[1])
+                if found is None:
+                    return None
+                pieces = [v.encode("utf-8", "surrogatepass").decode("latin-1") for v in found]
+            values = [v + p for v in values for p in pieces]
+        return values
+
     def describe(self) -> str:
         return f"*** (from {', '.join(self.kinds) or 'literal'})"
 
 
-def identity_value(identity: Any, name: str) -> str | None:
-    """A field (``email``, ``subject``...) or claim of the verified identity, as text."""
+def _raw_value(identity: Any, name: str) -> Any:
     if identity is None:
         return None
     if name in _IDENTITY_FIELDS:
-        value = getattr(identity, name, None)
-    else:
-        value = identity.claims.get(name)
+        return getattr(identity, name, None)
+    return identity.claims.get(name)
+
+
+def identity_value(identity: Any, name: str) -> str | None:
+    """A field (``email``, ``subject``, ``groups``...) or claim of the verified identity,
+    as text; a list is joined with commas."""
+    value = _raw_value(identity, name)
     if value is None:
         return None
     if isinstance(value, (list, tuple)):
         return ",".join(str(v) for v in value)
     return str(value)
+
+
+def identity_values(identity: Any, name: str) -> list[str] | None:
+    """The same field or claim as a list of texts: one per element of a list, else one."""
+    value = _raw_value(identity, name)
+    if value is None:
+        return None
+    if isinstance(value, (list, tuple)):
+        return [str(v) for v in value]
+    return [str(value)]

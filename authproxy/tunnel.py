@@ -102,6 +102,8 @@ class Tunnel:
         body: Any,
         chunked: bool,
         relay: Relay,
+        *,
+        extra: Iterable[tuple[str, str]] = (),
     ) -> Iterable[bytes]:
         upgrade: str = environ[UPGRADE_KEY]
         if not (upgrade.isascii() and upgrade.isprintable() and upgrade.strip()):
@@ -117,9 +119,11 @@ class Tunnel:
             )
             return _refuse(environ, start_response, 501, "upgrade needs the server's raw socket")
         headers = {**headers, "Connection": "Upgrade", "Upgrade": upgrade}
+        # Lines a step added under authproxy.extra_headers, each on its own.
+        lines = [*headers.items(), *extra]
         started = time.perf_counter()
         try:
-            response = self.transport.send_unpooled(method, target, headers.items(), body, chunked)
+            response = self.transport.send_unpooled(method, target, lines, body, chunked)
         except UpstreamError as exc:
             log.warning(
                 "upstream %s failed: upgrade %s %s: %s",

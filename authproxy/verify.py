@@ -126,8 +126,12 @@ class TokenVerifier:
         service_token_claim: str | None,
         cache_size: int,
         cache_ttl: float,
+        groups_claim: str | None = "groups",
+        strict_groups: bool = False,
     ) -> None:
         self.keys = keys
+        self.groups_claim = groups_claim
+        self.strict_groups = strict_groups
         self.algorithms = frozenset(algorithms)
         self.audience = list(audience)
         self.issuer = issuer
@@ -203,4 +207,24 @@ class TokenVerifier:
             service_token=service_token,
             issuer=str(claims.get("iss")),
             claims=types.MappingProxyType(dict(claims)),
+            groups=self._groups(claims),
         )
+
+    def _groups(self, claims: Mapping[str, Any]) -> tuple[str, ...]:
+        """The groups claim: absent -> none, a string -> one group, a list of strings.
+
+        Anything else refuses the token when the claim was configured
+        (``strict_groups``); the default ``groups`` claim then gives no groups.
+        """
+        if self.groups_claim is None:
+            return ()
+        value = claims.get(self.groups_claim)
+        if value is None:
+            return ()
+        if isinstance(value, str):
+            return (value,)
+        if isinstance(value, list) and all(isinstance(g, str) for g in value):
+            return tuple(value)
+        if not self.strict_groups:
+            return ()
+        raise Refused(f"claim {self.groups_claim!r} is not a list of group names")

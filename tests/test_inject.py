@@ -194,7 +194,10 @@ def test_identity_claims_fill_templates() -> None:
             set={"X-User": "${identity:email}", "X-Groups": "${identity:groups}"},
         ),
         email="ana@example.com",
-        claims={"groups": ["ops", "dev"]},
+        # ${identity:groups} is the identity's groups field (the identity step
+        # fills it from its groups source), which wins over a claim of that name.
+        groups=("ops", "dev"),
+        claims={"groups": ["not", "these"]},
     )
     Client(app).get("/")
     assert inner.environ["HTTP_X_USER"] == "ana@example.com"

@@ -10,6 +10,7 @@ from werkzeug.sansio.http import parse_cookie
 
 from ..context import IDENTITY, refuse
 from ..errors import ConfigError
+from ..groups import AccessGroups, GroupsUnavailable
 from ..headers import environ_key, sanitize
 from ..keys import KeyCache
 from ..policy import Policy, SkipPaths
@@ -65,6 +66,20 @@ class Identity:
     :param allow_claims: claim -> accepted values; a claim holding a list matches
         if any item is accepted. All ``allow_*`` lists empty: any verified identity
         passes; otherwise an identity passes when any one rule matches it.
+    :param allow_groups: groups allowed (any one suffices; exact, case-sensitive).
+    :param groups: where the person's groups come from, for ``allow_groups``,
+        ``${identity:groups}`` and the ``impersonate`` step: ``"access"``
+        (cloudflare-access only: asked of Access's ``get-identity`` endpoint with
+        the verified token, once per token; when that fails the request gets
+        ``503``, never "no groups"; service tokens have none) or
+        ``"claim:<name>"`` (a claim of the token: a list of strings, or one
+        string; absent: none; anything else: ``403``). Default: the token's
+        ``groups`` claim when it holds names, else none (Access app tokens carry
+        none: ``allow_groups`` with ``cloudflare-access`` needs ``"access"``).
+    :param identity_url: the ``get-identity`` endpoint; overrides the one derived
+        from ``team_domain``. ``https://`` (``http://`` only for loopback addresses).
+    :param groups_timeout: seconds one ``get-identity`` call may take.
+    :param groups_cache_size: tokens whose groups are remembered (until the token's ``exp``).
     :param identity_headers: upstream header -> ``email``, ``name`` (email, else
         service token, else subject), ``subject``, ``service_token``, ``issuer``
         or any claim. ``{}`` sets none. Default: ``X-Auth-Request-Email`` and
@@ -77,7 +92,8 @@ class Identity:
     :param keys_min_refetch_interval: at least this long between refetches
         triggered by an unknown ``kid`` or by having no keys.
     :param keys_timeout: seconds one key fetch may take.
-    :param keys_ca_bundle: CA bundle for the key endpoint's TLS, instead of the system's.
+    :param keys_ca_bundle: CA bundle for the key endpoint's (and ``get-identity``'s)
+        TLS, instead of the system's.
     :param token_cache_size: verified tokens kept (0: verify every request).
     :param token_cache_ttl: longest a verified token is trusted without a new
         signature check (never past its ``exp``).
@@ -106,6 +122,11 @@ class Identity:
         allow_email_domains: list[str] | None = None,
         allow_service_tokens: list[str] | None = None,
         allow_claims: dict[str, str | list[str]] | None = None,
+        allow_groups: list[str] | None = None,
+        groups: str | None = None,
+        identity_url: str | None = None,
+        groups_timeout: float = 5.0,
+        groups_cache_size: int = 4096,
         identity_headers: dict[str, str] | None = None,
         skip_paths: list[str] | None = None,
         keys_refresh_interval: float = 3600.0,
@@ -124,6 +145,8 @@ class Identity:
             header=header,
             cookie=cookie,
             algorithms=algorithms,
+            groups=groups,
+            identity_url=identity_url,
         )
         if keys_ca_bundle is not None and not (isinstance(keys_ca_bundle, str) and keys_ca_bundle):
             raise ConfigError("keys_ca_bundle", f"expected a path, got {keys_ca_bundle!r}")
@@ -142,12 +165,15 @@ class Identity:
             ("keys_timeout", keys_timeout),
             ("token_cache_size", token_cache_size),
             ("token_cache_ttl", token_cache_ttl),
+            ("groups_timeout", groups_timeout),
+            ("groups_cache_size", groups_cache_size),
         ):
             if isinstance(number, bool) or not isinstance(number, (int, float)) or number < 0:
                 raise ConfigError(key, f"expected a number >= 0, got {number!r}")
         for key, number in (
             ("keys_timeout", keys_timeout),
             ("keys_refresh_interval", keys_refresh_interval),
+            ("groups_timeout", groups_timeout),
         ):
             if number <= 0:
                 raise ConfigError(key, f"expected a number > 0, got {number!r}")
@@ -156,7 +182,13 @@ class Identity:
             domains=allow_email_domains,
             service_tokens=allow_service_tokens,
             claims=allow_claims,
+            groups=allow_groups,
         )
+        if self.policy.groups and settings.groups is None and provider == "cloudflare-access":
+            raise ConfigError(
+                "allow_groups", 'Access tokens carry no groups: set groups = "access"'
+            )
+        self.groups = settings.groups
         self.identity_headers = _identity_headers(identity_headers)
         self._remove_keys = tuple(
             {environ_key(n) for n in (*ALWAYS_REMOVED, *(h for h, _, _ in self.identity_headers))}
@@ -164,6 +196,16 @@ class Identity:
         self.skip_paths = SkipPaths(skip_paths)
         self._header_key = environ_key(self.header) if self.header else None
         self.app = app
+        self.access_groups = (
+            AccessGroups(
+                settings.identity_url,
+                timeout=groups_timeout,
+                cache_size=groups_cache_size,
+                ca_bundle=keys_ca_bundle,
+            )
+            if settings.identity_url is not None
+            else None
+        )
         # Last, so that a config error does not leave a thread behind.
         self.keys = KeyCache(
             self.certs_url,
@@ -182,6 +224,9 @@ class Identity:
             service_token_claim=settings.service_token_claim,
             cache_size=token_cache_size,
             cache_ttl=token_cache_ttl,
+            # Unset, the token's "groups" claim, if it holds names (Access's has none).
+            groups_claim=settings.groups_claim if settings.groups else "groups",
+            strict_groups=settings.groups is not None,
         )
 
     def __call__(self, environ: WSGIEnvironment, start_response: StartResponse) -> Iterable[bytes]:
@@ -197,6 +242,12 @@ class Identity:
             identity = self.verifier.verify(token)
         except Refused as exc:
             return refuse(environ, start_response, 403, exc.reason)
+        # A service token is nobody to Access's get-identity: it has no groups.
+        if self.access_groups is not None and identity.email is not None:
+            try:
+                identity = self.access_groups.apply(token, identity)
+            except GroupsUnavailable as exc:
+                return refuse(environ, start_response, 503, f"groups unavailable: {exc.reason}")
         values = []
         for _name, key, field in self.identity_headers:
             value = identity_value(identity, field)
@@ -252,6 +303,11 @@ class Identity:
             "issuer": self.issuer,
             "audience": self.audience,
             "algorithms": list(self.algorithms),
+            "groups": (
+                self.access_groups.describe()
+                if self.access_groups is not None
+                else self.groups or "claim:groups (if it holds names)"
+            ),
             "policy": self.policy.describe(),
             "identity_headers": {h: f for h, _, f in self.identity_headers},
             "skip_paths": self.skip_paths.describe(),
@@ -260,6 +316,8 @@ class Identity:
 
     def close(self) -> None:
         self.keys.close()
+        if self.access_groups is not None:
+            self.access_groups.close()
 
 
 def _printable(text: str) -> str:
