@@ -217,7 +217,8 @@ def check(factory: Factory, values: Mapping[str, Any], where: str) -> None:
         if not conforms(value, option.hint):
             inner, hint, bad = _misfit(value, option.hint)
             raise PluginError(
-                f"{where}.{key}{inner}", f"expected {describe(hint)}, got {_shown(key + inner, bad)}"
+                f"{where}.{key}{inner}",
+                f"expected {describe(hint)}, got {_shown(key + inner, bad)}",
             )
     for option in declared:
         if option.required and option.name not in values:
