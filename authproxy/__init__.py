@@ -30,6 +30,7 @@ from .errors import (
 )
 from .forwarder import Forwarder
 from .middleware.access_log import AccessLog
+from .middleware.cross_origin import CrossOrigin
 from .middleware.health import Health
 from .middleware.inject import InjectHeaders
 from .middleware.request_id import RequestId
@@ -53,6 +54,7 @@ __all__ = [
     "AuthproxyError",
     "Config",
     "ConfigError",
+    "CrossOrigin",
     "Forwarder",
     "Health",
     "Identity",

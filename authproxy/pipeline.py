@@ -5,6 +5,10 @@ Outside in::
     edge: hop-by-hop and Impersonate-* stripping, last-resort 500
     health (live/ready)  ->  request id  ->  [[pipeline]] steps in order  ->  forwarder
 
+The ``cross-origin`` step is always in the stack: unless the config lists it
+itself (its place and options are then the config's), the builder puts it
+just before the first step that is not ``access-log``, so that the access log
+sees its refusals and it runs before anything adds a credential.
 The builder knows nothing of any step's options beyond passing them.
 """
 
@@ -16,7 +20,7 @@ from collections.abc import Iterable, Mapping
 from typing import TYPE_CHECKING, Any
 
 from . import plugins
-from .config import Config, from_mapping
+from .config import Config, Step, from_mapping
 from .context import STEP, UPSTREAM_URL, plain_response
 from .forwarder import Forwarder
 from .headers import sanitize
@@ -50,7 +54,9 @@ class _Guard:
 class Pipeline:
     """The built stack: a WSGI app, with its parts kept for inspection.
 
-    ``steps`` lists ``(name, middleware)`` from outermost to innermost;
+    ``steps`` lists ``(name, middleware)`` from outermost to innermost, and
+    ``specs`` the :class:`~authproxy.config.Step` each was built from (the
+    config's, plus the ``cross-origin`` step when the builder added it);
     ``forwarder`` is the :class:`~authproxy.forwarder.Forwarder` at the core.
     """
 
@@ -73,7 +79,8 @@ class Pipeline:
         )
         app: Any = _Guard(self.forwarder, "forwarder")
         built: list[tuple[str, Any]] = []
-        for step in reversed(config.pipeline):
+        self.specs = with_cross_origin(config.pipeline)
+        for step in reversed(self.specs):
             factory = plugins.load(step.use, f"{step.where}.use")
             middleware = plugins.instantiate(factory, app, step.options, step.where)
             built.append((step.use, middleware))
@@ -110,6 +117,22 @@ class Pipeline:
             if callable(close):
                 close()
         self.forwarder.close()
+
+
+CROSS_ORIGIN = "cross-origin"
+#: What the added step is called in error messages and ``check-config``.
+ADDED_WHERE = "cross-origin (added by default)"
+
+
+def with_cross_origin(steps: tuple[Step, ...]) -> tuple[Step, ...]:
+    """*steps* with the ``cross-origin`` step put in, unless they list it already:
+    after the leading ``access-log`` steps, before everything else."""
+    if any(step.use == CROSS_ORIGIN for step in steps):
+        return steps
+    at = 0
+    while at < len(steps) and steps[at].use == "access-log":
+        at += 1
+    return (*steps[:at], Step(CROSS_ORIGIN, {}, ADDED_WHERE), *steps[at:])
 
 
 def _pool_size(config: Config) -> int:
