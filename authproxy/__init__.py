@@ -33,6 +33,7 @@ from .errors import (
 )
 from .forwarder import Forwarder
 from .middleware.access_log import AccessLog
+from .middleware.cross_origin import CrossOrigin
 from .middleware.health import Health
 from .middleware.impersonate import Impersonate
 from .middleware.inject import InjectHeaders
@@ -57,6 +58,7 @@ __all__ = [
     "AuthproxyError",
     "Config",
     "ConfigError",
+    "CrossOrigin",
     "Forwarder",
     "Health",
     "Identity",

@@ -50,7 +50,7 @@ def describe(config: Config, pipeline: Any) -> str:
         "pipeline, outermost first:",
         f"  - request-id ({config.request_id.header})",
     ]
-    for (name, step), spec in zip(pipeline.steps, config.pipeline, strict=True):
+    for (name, step), spec in zip(pipeline.steps, pipeline.specs, strict=True):
         if hasattr(step, "describe"):
             shown = step.describe()
         else:

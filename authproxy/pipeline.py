@@ -5,6 +5,11 @@ Outside in::
     edge: hop-by-hop and Impersonate-* stripping, last-resort 500
     health (live/ready)  ->  request id  ->  [[pipeline]] steps in order  ->  forwarder
 
+The ``cross-origin`` step is always in the stack: unless the config lists it
+itself (its place and options are then the config's), the builder puts it
+just before the first step that is not ``access-log``, so that the access log
+sees its refusals and it runs before anything adds a credential.
+
 The builder knows nothing of any step's options beyond passing them. A step
 whose factory has an ``authproxy_after`` attribute (a tuple of step names) must
 come after each of those steps in ``[[pipeline]]``; otherwise the config is
@@ -19,7 +24,7 @@ from collections.abc import Iterable, Mapping
 from typing import TYPE_CHECKING, Any
 
 from . import plugins
-from .config import Config, from_mapping
+from .config import Config, Step, from_mapping
 from .context import STEP, UPSTREAM_URL, plain_response
 from .errors import ConfigError
 from .forwarder import Forwarder
@@ -54,16 +59,19 @@ class _Guard:
 class Pipeline:
     """The built stack: a WSGI app, with its parts kept for inspection.
 
-    ``steps`` lists ``(name, middleware)`` from outermost to innermost;
+    ``steps`` lists ``(name, middleware)`` from outermost to innermost, and
+    ``specs`` the :class:`~authproxy.config.Step` each was built from (the
+    config's, plus the ``cross-origin`` step when the builder added it);
     ``forwarder`` is the :class:`~authproxy.forwarder.Forwarder` at the core.
     """
 
     def __init__(self, config: Config) -> None:
         self.config = config
         # Every step found and in a possible order before anything starts a thread.
-        factories = [plugins.load(step.use, f"{step.where}.use") for step in config.pipeline]
-        for index, (step, factory) in enumerate(zip(config.pipeline, factories, strict=True)):
-            _check_after(factory, step.where, [s.use for s in config.pipeline[:index]])
+        self.specs = with_cross_origin(config.pipeline)
+        factories = [plugins.load(step.use, f"{step.where}.use") for step in self.specs]
+        for index, (step, factory) in enumerate(zip(self.specs, factories, strict=True)):
+            _check_after(factory, step.where, [s.use for s in self.specs[:index]])
         up = config.upstream
         self.forwarder = Forwarder(
             up.url,
@@ -81,7 +89,7 @@ class Pipeline:
         )
         app: Any = _Guard(self.forwarder, "forwarder")
         built: list[tuple[str, Any]] = []
-        for step, factory in reversed(list(zip(config.pipeline, factories, strict=True))):
+        for step, factory in reversed(list(zip(self.specs, factories, strict=True))):
             middleware = plugins.instantiate(factory, app, step.options, step.where)
             built.append((step.use, middleware))
             app = _Guard(middleware, step.use)
@@ -129,6 +137,22 @@ def _check_after(factory: Any, where: str, before: list[str]) -> None:
             raise ConfigError(
                 where, f"needs the {needed!r} step before it in [[pipeline]] (it reads its result)"
             )
+
+
+CROSS_ORIGIN = "cross-origin"
+#: What the added step is called in error messages and ``check-config``.
+ADDED_WHERE = "cross-origin (added by default)"
+
+
+def with_cross_origin(steps: tuple[Step, ...]) -> tuple[Step, ...]:
+    """*steps* with the ``cross-origin`` step put in, unless they list it already:
+    after the leading ``access-log`` steps, before everything else."""
+    if any(step.use == CROSS_ORIGIN for step in steps):
+        return steps
+    at = 0
+    while at < len(steps) and steps[at].use == "access-log":
+        at += 1
+    return (*steps[:at], Step(CROSS_ORIGIN, {}, ADDED_WHERE), *steps[at:])
 
 
 def _pool_size(config: Config) -> int:

@@ -8,6 +8,7 @@ code is the same for all of them; ``oidc`` is the preset with nothing preset.
 from __future__ import annotations
 
 import ipaddress
+import re
 import types
 from collections.abc import Mapping
 from dataclasses import dataclass
@@ -235,3 +236,65 @@ def _is_loopback(host: str) -> bool:
 def check_header_name(name: str, key: str) -> None:
     if not name or any(c in name for c in " \t\r\n\0:"):
         raise ConfigError(key, f"not a valid header name: {name!r}")
+
+
+# -- reading the token where it travels ----------------------------------------------
+
+
+@dataclass(frozen=True)
+class CookieCopies:
+    """Every copy of one cookie in a ``Cookie`` header.
+
+    ``values`` are the copies' values in order (quotes removed); ``ambiguous``
+    is True when a copy hides behind a comma (how a server joins two
+    ``Cookie`` headers), where parsers disagree on what the cookies are.
+    """
+
+    values: tuple[str, ...]
+    ambiguous: bool
+
+
+def cookie_copies(header: str, name: str) -> CookieCopies:
+    """The copies of cookie *name* (matched case-insensitively) in the ``Cookie`` *header*."""
+    values = [_value(piece) for piece in header.split(";") if _pair_name(piece) == name.lower()]
+    # A name right after a ";" or "," or at the start: any more of those than
+    # ";"-separated copies means one hides inside another cookie's value.
+    hidden = len(_copy_pattern(name).findall(header)) > len(values)
+    return CookieCopies(tuple(values), hidden)
+
+
+def keep_one_cookie(header: str, name: str, value: str) -> str:
+    """*header* with one copy of cookie *name*, the first whose value is *value*;
+    the other cookies, their order and their spacing are kept byte for byte."""
+    kept, found = [], False
+    for piece in header.split(";"):
+        if _pair_name(piece) == name.lower():
+            if found or _value(piece) != value:
+                continue
+            found = True
+        kept.append(piece)
+    if kept and kept[0] != header.split(";", 1)[0]:
+        kept[0] = kept[0].lstrip(" \t")  # the separator of a cookie that went
+    return ";".join(kept)
+
+
+def _pair_name(piece: str) -> str:
+    return piece.partition("=")[0].strip().lower()
+
+
+def _value(piece: str) -> str:
+    value = piece.partition("=")[2].strip()
+    if len(value) >= 2 and value[0] == value[-1] == '"':
+        value = value[1:-1]
+    return value
+
+
+_COPY_PATTERNS: dict[str, re.Pattern[str]] = {}
+
+
+def _copy_pattern(name: str) -> re.Pattern[str]:
+    pattern = _COPY_PATTERNS.get(name)
+    if pattern is None:
+        pattern = re.compile(r"(?:^|[;,])[ \t]*" + re.escape(name) + r"[ \t]*=", re.IGNORECASE)
+        _COPY_PATTERNS[name] = pattern
+    return pattern

@@ -63,7 +63,12 @@ def test_check_config_prints_the_stack_with_secrets_redacted(
     assert "NOT VERIFIED" in out
     lines = out.splitlines()
     steps = [line.strip() for line in lines[lines.index("pipeline, outermost first:") + 1 : -1]]
-    assert [s.split()[1] for s in steps[:-1]] == ["request-id", "access-log", "inject-headers"]
+    assert [s.split()[1] for s in steps[:-1]] == [
+        "request-id",
+        "access-log",
+        "cross-origin",
+        "inject-headers",
+    ]
     assert steps[-1] == "- forwarder -> https://dashboard.internal"
     assert "Authorization" in out and "***" in out
     assert lines[-1] == "ok"

@@ -165,12 +165,131 @@ def test_cookie_can_be_switched_off(make: Callable[..., Stack], rsa_key: Signing
     assert not stack.echo.calls
 
 
-def test_header_wins_over_cookie(make: Callable[..., Stack], rsa_key: SigningKey) -> None:
+# -- one verified token ----------------------------------------------------------------
+
+CONFLICT_HEADER = (
+    "conflicting access tokens: the Cf-Access-Jwt-Assertion header and the CF_Authorization"
+    " cookie differ"
+)
+
+
+@pytest.mark.parametrize("valid_in", ["header", "cookie"])
+def test_a_header_and_a_cookie_that_differ_are_refused(
+    make: Callable[..., Stack], rsa_key: SigningKey, other_key: SigningKey, valid_in: str
+) -> None:
     stack = make()
     good = rsa_key.sign(claims())
-    bad = rsa_key.sign(claims(aud=["someone-else"]))
-    assert stack.get(bad, Cookie=f"CF_Authorization={good}").status_code == 403
-    assert stack.get(good, Cookie=f"CF_Authorization={bad}").status_code == 200
+    forged = other_key.sign(claims(email="root@example.com"))
+    header, cookie = (good, forged) if valid_in == "header" else (forged, good)
+    response = stack.get(header, Cookie=f"CF_Authorization={cookie}")
+    assert response.status_code == 401
+    assert response.get_data() == b"Unauthorized\n"
+    assert stack.refusal == CONFLICT_HEADER
+    assert not stack.echo.calls
+    # Two valid tokens that differ conflict all the same.
+    other_good = rsa_key.sign(claims(email="bob@example.com"))
+    assert stack.get(good, Cookie=f"CF_Authorization={other_good}").status_code == 401
+    assert not stack.echo.calls
+
+
+@pytest.mark.parametrize(
+    "cookie",
+    [
+        "CF_Authorization={good}; CF_Authorization={forged}",
+        "CF_Authorization={forged}; CF_Authorization={good}",
+        "a=1; CF_Authorization={good}; b=2; cf_authorization={forged}",
+        'CF_Authorization={good}; CF_Authorization="{forged}"',
+    ],
+)
+def test_two_different_cookies_are_refused(
+    make: Callable[..., Stack], rsa_key: SigningKey, other_key: SigningKey, cookie: str
+) -> None:
+    stack = make()
+    good, forged = rsa_key.sign(claims()), other_key.sign(claims(email="root@example.com"))
+    response = stack.get(Cookie=cookie.format(good=good, forged=forged))
+    assert response.status_code == 401
+    assert stack.refusal == "conflicting access tokens: 2 different CF_Authorization cookies"
+    assert not stack.echo.calls
+    # With the valid token in the header as well: still refused.
+    assert stack.get(good, Cookie=cookie.format(good=good, forged=forged)).status_code == 401
+    assert not stack.echo.calls
+
+
+def test_a_cookie_hidden_after_a_comma_is_refused(
+    make: Callable[..., Stack], rsa_key: SigningKey, other_key: SigningKey
+) -> None:
+    # What gunicorn makes of two Cookie headers: "a=1,CF_Authorization=...".
+    stack = make()
+    good, forged = rsa_key.sign(claims()), other_key.sign(claims())
+    for cookie in (f"a=1,CF_Authorization={forged}", f"a=1, CF_Authorization={good}"):
+        assert stack.get(good, Cookie=cookie).status_code == 401
+        assert stack.refusal == "conflicting access tokens: a CF_Authorization cookie after a comma"
+    assert not stack.echo.calls
+
+
+@pytest.mark.parametrize(
+    ("sent", "forwarded"),
+    [
+        # One copy: the header is left byte for byte.
+        ('a=1;b=2; CF_Authorization={t};  c="x y"', 'a=1;b=2; CF_Authorization={t};  c="x y"'),
+        ("CF_Authorization={t}", "CF_Authorization={t}"),
+        # Identical copies: the first stays, the rest go with their separators.
+        (
+            'a=1;b=2; CF_Authorization={t};  c="x y"; CF_Authorization={t}',
+            'a=1;b=2; CF_Authorization={t};  c="x y"',
+        ),
+        ("CF_Authorization={t};CF_Authorization={t};z=9", "CF_Authorization={t};z=9"),
+        ("CF_Authorization=; a=1; CF_Authorization={t}", "a=1; CF_Authorization={t}"),
+        ("x=1; cf_authorization={t}; CF_Authorization={t}", "x=1; cf_authorization={t}"),
+    ],
+)
+def test_the_upstream_gets_one_copy_and_every_other_cookie_untouched(
+    make: Callable[..., Stack], rsa_key: SigningKey, sent: str, forwarded: str
+) -> None:
+    stack = make()
+    token = rsa_key.sign(claims())
+    for header in (None, token):  # from the cookie alone, and with the header too
+        response = stack.get(header, Cookie=sent.format(t=token))
+        assert response.status_code == 200, stack.refusal
+        assert stack.echo.last["HTTP_COOKIE"] == forwarded.format(t=token)
+
+
+def test_a_header_with_an_identical_cookie_passes(
+    make: Callable[..., Stack], rsa_key: SigningKey
+) -> None:
+    stack = make()
+    token = rsa_key.sign(claims())
+    assert stack.get(token, Cookie=f"CF_Authorization={token}; s=1").status_code == 200
+    assert stack.echo.last["HTTP_COOKIE"] == f"CF_Authorization={token}; s=1"
+    assert stack.echo.last["HTTP_CF_ACCESS_JWT_ASSERTION"] == token
+    # Other cookies alone never conflict with the header.
+    assert stack.get(token, Cookie="session=abc; theme=dark").status_code == 200
+    assert stack.echo.last["HTTP_COOKIE"] == "session=abc; theme=dark"
+
+
+def test_the_rule_holds_for_any_header_and_cookie_pair(
+    make: Callable[..., Stack], rsa_key: SigningKey, other_key: SigningKey
+) -> None:
+    stack = make(provider="oidc", header="Authorization", cookie="id_token", issuer=ISSUER)
+    good, forged = rsa_key.sign(claims()), other_key.sign(claims())
+    response = stack.get(Authorization=f"Bearer {good}", Cookie=f"id_token={forged}")
+    assert response.status_code == 401
+    assert stack.refusal == (
+        "conflicting access tokens: the Authorization header and the id_token cookie differ"
+    )
+    response = stack.get(Authorization=f"Bearer {good}", Cookie=f"id_token={good}; id_token={good}")
+    assert response.status_code == 200
+    assert stack.echo.last["HTTP_COOKIE"] == f"id_token={good}"
+
+
+def test_a_cookie_the_step_does_not_read_is_left_alone(
+    make: Callable[..., Stack], rsa_key: SigningKey, other_key: SigningKey
+) -> None:
+    stack = make(cookie=False)
+    good, forged = rsa_key.sign(claims()), other_key.sign(claims())
+    cookie = f"CF_Authorization={forged}; CF_Authorization={good}"
+    assert stack.get(good, Cookie=cookie).status_code == 200
+    assert stack.echo.last["HTTP_COOKIE"] == cookie
 
 
 @pytest.mark.parametrize("token_aud", [[AUDIENCE], AUDIENCE, ["another-app", AUDIENCE]])
@@ -757,7 +876,7 @@ def test_pipeline_builds_identity_from_config(jwks: JwksServer, rsa_key: Signing
     try:
         assert Client(pipeline).get("/healthz").status_code == 200
         assert Client(pipeline).get("/").status_code == 401
-        ((name, step),) = pipeline.steps
+        (_, (name, step)) = pipeline.steps  # after the cross-origin step the builder adds
         assert name == "identity" and step.has_keys()
         assert step.describe()["keys"] == [rsa_key.kid]
     finally:

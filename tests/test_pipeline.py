@@ -11,7 +11,7 @@ import pytest
 from werkzeug.test import Client, EnvironBuilder
 
 import authproxy
-from authproxy import AccessLog, Forwarder, InjectHeaders, Pipeline, build_app
+from authproxy import AccessLog, CrossOrigin, Forwarder, InjectHeaders, Pipeline, build_app
 from authproxy.config import from_environment, from_mapping
 from authproxy.pipeline import _Guard
 
@@ -48,9 +48,11 @@ def test_public_api_is_importable() -> None:
 def test_steps_in_config_order_with_the_forwarder_at_the_core(
     app: Pipeline, upstream: Upstream
 ) -> None:
-    assert [name for name, _ in app.steps] == ["access-log", "inject-headers"]
+    # cross-origin is added after the access log, before anything that injects.
+    assert [name for name, _ in app.steps] == ["access-log", "cross-origin", "inject-headers"]
     assert isinstance(app.steps[0][1], AccessLog)
-    assert isinstance(app.steps[1][1], InjectHeaders)
+    assert isinstance(app.steps[1][1], CrossOrigin)
+    assert isinstance(app.steps[2][1], InjectHeaders)
     assert isinstance(app.forwarder, Forwarder)
     assert app.forwarder.url == upstream.url
 

@@ -3,8 +3,9 @@
 from __future__ import annotations
 
 from .access_log import AccessLog
+from .cross_origin import CrossOrigin
 from .health import Health
 from .inject import InjectHeaders
 from .request_id import RequestId
 
-__all__ = ["AccessLog", "Health", "InjectHeaders", "RequestId"]
+__all__ = ["AccessLog", "CrossOrigin", "Health", "InjectHeaders", "RequestId"]

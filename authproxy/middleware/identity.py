@@ -6,15 +6,13 @@ from __future__ import annotations
 from collections.abc import Iterable, Mapping
 from typing import TYPE_CHECKING, Any
 
-from werkzeug.sansio.http import parse_cookie
-
 from ..context import IDENTITY, refuse
 from ..errors import ConfigError
 from ..groups import AccessGroups, GroupsUnavailable
 from ..headers import environ_key, sanitize
 from ..keys import KeyCache
 from ..policy import Policy, SkipPaths
-from ..providers import check_header_name, resolve
+from ..providers import check_header_name, cookie_copies, keep_one_cookie, resolve
 from ..templates import identity_value
 from ..verify import Refused, TokenVerifier
 
@@ -33,17 +31,22 @@ _VALUE_CTL = frozenset(chr(c) for c in range(32) if c != 9) | {"\x7f"}
 class Identity:
     """Let a request through only with a valid assertion from the identity-aware proxy.
 
-    No token: ``401``. A token that is malformed, expired, not yet valid, for
-    another audience or issuer, signed with a disallowed algorithm or by an
-    unknown key, or whose identity the policy does not allow: ``403``. The
-    client sees only the status phrase; the reason goes to the access log.
-    With no trusted key (the key endpoint was never reachable) every request
-    is refused; health endpoints, outside this step, keep answering.
+    No token: ``401``. Tokens that differ (the header and the cookie, or two
+    copies of the cookie): ``401``, whatever each is worth. A token that is
+    malformed, expired, not yet valid, for another audience or issuer, signed
+    with a disallowed algorithm or by an unknown key, or whose identity the
+    policy does not allow: ``403``. The client sees only the status phrase;
+    the reason goes to the access log. With no trusted key (the key endpoint
+    was never reachable) every request is refused; health endpoints, outside
+    this step, keep answering.
 
     On success ``environ["authproxy.identity"]`` holds a
     :class:`~authproxy.context.VerifiedIdentity` and the identity headers are
-    set for the upstream. Client-supplied copies of those headers, of the
-    defaults and of ``Cf-Access-Authenticated-User-Email`` are always removed.
+    set for the upstream. The upstream gets the token only as verified: the
+    ``Cookie`` header keeps one copy of the token's cookie (identical copies
+    are dropped), every other cookie byte for byte. Client-supplied copies of
+    the identity headers, of the defaults and of
+    ``Cf-Access-Authenticated-User-Email`` are always removed.
     A header value that would hold a control character (CR, LF, NUL...) is
     never set: the request is refused with ``403``.
 
@@ -56,8 +59,9 @@ class Identity:
     :param issuer: the expected ``iss``; overrides the preset's.
     :param header: the header carrying the token; overrides the preset's. A
         ``Bearer`` prefix is ignored (for ``header = "Authorization"``).
-    :param cookie: the cookie carrying the token when the header is absent: True
-        for the preset's (``CF_Authorization``), False for none, or a name.
+    :param cookie: the cookie carrying the token (the browser's copy; the header
+        is the edge's): True for the preset's (``CF_Authorization``), False for
+        none, or a name (matched case-insensitively).
     :param algorithms: accepted signature algorithms (asymmetric only); overrides the preset's.
     :param leeway: seconds of clock skew allowed on ``exp``, ``nbf`` and ``iat``.
     :param allow_emails: addresses allowed (case-insensitive).
@@ -235,7 +239,9 @@ class Identity:
             environ.pop(key, None)
         if self.skip_paths and self.skip_paths.match(environ):
             return self.app(environ, start_response)
-        token = self._token(environ)
+        token, conflict = self._token(environ)
+        if conflict is not None:
+            return refuse(environ, start_response, 401, f"conflicting access tokens: {conflict}")
         if not token:
             return refuse(environ, start_response, 401, "no identity token")
         try:
@@ -266,24 +272,34 @@ class Identity:
             # WSGI carries header bytes as latin-1 text: send the claim as UTF-8
             # (a lone surrogate from a JSON "\ud800" as its own three bytes).
             environ[key] = value.encode("utf-8", "surrogatepass").decode("latin-1")
+        if self.cookie is not None and "HTTP_COOKIE" in environ:
+            # The upstream gets the token once, as verified: identical copies go.
+            environ["HTTP_COOKIE"] = keep_one_cookie(environ["HTTP_COOKIE"], self.cookie, token)
         environ[IDENTITY] = identity
         return self.app(environ, start_response)
 
-    def _token(self, environ: WSGIEnvironment) -> str | None:
+    def _token(self, environ: WSGIEnvironment) -> tuple[str | None, str | None]:
+        """The one token the request carries, and why it is refused if it carries
+        several that differ: (token, None) or (None, conflict)."""
+        found: list[str] = []
         if self._header_key is not None:
-            token = environ.get(self._header_key)
+            token = str(environ.get(self._header_key) or "").strip()
+            # An OIDC setup may read the token from Authorization.
+            if token[:7].lower() == "bearer ":
+                token = token[7:].strip()
             if token:
-                token = str(token).strip()
-                # An OIDC setup may read the token from Authorization.
-                if token[:7].lower() == "bearer ":
-                    token = token[7:].strip()
-                return token
+                found.append(token)
         if self.cookie is not None and "HTTP_COOKIE" in environ:
-            # WSGI text is latin-1; werkzeug's parse_cookie wants UTF-8 and raises
-            # on anything else. A stray byte in some cookie must not be a 500.
-            header = environ["HTTP_COOKIE"].encode("latin-1", "replace").decode("utf-8", "replace")
-            return parse_cookie(cookie=header).get(self.cookie) or None
-        return None
+            copies = cookie_copies(environ["HTTP_COOKIE"], self.cookie)
+            if copies.ambiguous:
+                return None, f"a {self.cookie} cookie after a comma"
+            cookies = {v for v in copies.values if v}
+            if len(cookies) > 1:
+                return None, f"{len(cookies)} different {self.cookie} cookies"
+            if found and cookies and cookies != {found[0]}:
+                return None, f"the {self.header} header and the {self.cookie} cookie differ"
+            found.extend(cookies)
+        return (found[0] if found else None), None
 
     def has_keys(self) -> bool:
         """True when a signing key is trusted; a readiness check for ``/readyz``."""

@@ -237,4 +237,5 @@ def test_two_pipelines_in_one_process(upstream: Upstream) -> None:
     ]
     for app in apps:
         app.close()
-    assert apps[0].steps[0][1].registry is not apps[1].steps[0][1].registry
+    first, second = (dict(app.steps)["metrics"] for app in apps)
+    assert first.registry is not second.registry

@@ -193,7 +193,7 @@ def test_redis_password_is_never_shown(upstream: Upstream) -> None:
         }
     )
     try:
-        shown = str(app.steps[0][1].describe())
+        shown = str(dict(app.steps)["ratelimit"].describe())
         assert "hunter2" not in shown
         assert redact("url redis://:hunter2-redis-pw@h") == "url redis://:***@h"
     finally:
