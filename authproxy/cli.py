@@ -91,7 +91,7 @@ def config_warnings(config: Config, pipeline: Any) -> list[str]:
     step while it holds no signing keys); ``/readyz`` asks the same.
     """
     found = []
-    for (_name, step), spec in zip(pipeline.steps, config.pipeline, strict=True):
+    for (_name, step), spec in zip(pipeline.steps, pipeline.specs, strict=True):
         check_ready = getattr(step, "check_ready", None)
         if not callable(check_ready) or check_ready():
             continue
