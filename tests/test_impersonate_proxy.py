@@ -359,6 +359,10 @@ def test_allow_groups_admits_a_listed_group_and_refuses_others(
     assert len(apiserver.seen) == before
     line = access_line(access_proxy, request_id)
     assert line["refusal"] == "not allowed by policy: carol@example.com"
+    # alice is not listed by address: her group sre admits her.
+    response, _ = get(access_proxy, **{HEADER: fresh(key)})
+    assert response.status_code == 200
+    assert apiserver.last().values("Impersonate-Group") == ["sre", "dev"]
     # Lists combine by "or": bob has no group, but his address is listed.
     response, _ = get(access_proxy, **{HEADER: fresh(key, email="bob@example.com")})
     assert response.status_code == 200
