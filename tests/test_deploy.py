@@ -369,3 +369,11 @@ def test_fresh_venv_from_the_lock_serves_and_stops_gracefully(
     assert TOKEN not in text
     with pytest.raises(requests.ConnectionError):
         requests.get(f"http://127.0.0.1:{port}/healthz", timeout=5)
+
+
+def test_the_gevent_extra_brings_what_gunicorns_gevent_worker_needs() -> None:
+    # gunicorn's gevent worker imports packaging; its own extra declares both.
+    import importlib.metadata
+
+    extra = [r for r in importlib.metadata.requires("authproxy") or [] if 'extra == "gevent"' in r]
+    assert any(r.replace(" ", "").startswith("gunicorn[gevent]") for r in extra), extra
