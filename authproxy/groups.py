@@ -37,15 +37,12 @@ from collections.abc import Mapping
 from typing import Any
 
 import requests
-import urllib3
 
 from . import __version__
 from .context import VerifiedIdentity
+from .keys import read_bounded
 
 log = logging.getLogger("authproxy.groups")
-
-#: An identity document larger than this is not one.
-MAX_DOCUMENT_BYTES = 1024 * 1024
 
 
 class GroupsUnavailable(Exception):
@@ -194,26 +191,7 @@ class AccessGroups:
         with response:
             if response.status_code != 200:
                 raise GroupsUnavailable(f"HTTP {response.status_code}")
-            chunks, size = [], 0
-            while True:
-                # read1 returns what has arrived, so the deadline also bounds
-                # an endpoint that trickles bytes.
-                try:
-                    chunk = response.raw.read1(65536)
-                except (urllib3.exceptions.HTTPError, OSError) as exc:
-                    if isinstance(exc, (urllib3.exceptions.TimeoutError, TimeoutError)):
-                        raise GroupsUnavailable(f"timed out after {self.timeout}s") from None
-                    why = f"the answer broke off ({type(exc).__name__})"
-                    raise GroupsUnavailable(why) from None
-                if not chunk:
-                    break
-                size += len(chunk)
-                if size > MAX_DOCUMENT_BYTES:
-                    raise GroupsUnavailable(f"the answer is larger than {MAX_DOCUMENT_BYTES} bytes")
-                if time.monotonic() > deadline:
-                    raise GroupsUnavailable(f"timed out after {self.timeout}s")
-                chunks.append(chunk)
-        return b"".join(chunks)
+            return read_bounded(response, deadline, self.timeout, GroupsUnavailable)
 
     def _new_session(self) -> requests.Session:
         session = requests.Session()

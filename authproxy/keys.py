@@ -236,26 +236,7 @@ class KeyCache:
         with response:
             if response.status_code != 200:
                 raise KeyFetchError(f"HTTP {response.status_code}")
-            chunks, size = [], 0
-            while True:
-                # read1 returns what has arrived, so the deadline also bounds
-                # an endpoint that trickles bytes.
-                try:
-                    chunk = response.raw.read1(65536)
-                except (urllib3.exceptions.HTTPError, OSError) as exc:
-                    # Below requests: urllib3's own errors, a stall or a reset mid-body.
-                    if isinstance(exc, (urllib3.exceptions.TimeoutError, TimeoutError)):
-                        raise KeyFetchError(f"timed out after {self.timeout}s") from None
-                    raise KeyFetchError(f"the key set broke off ({type(exc).__name__})") from None
-                if not chunk:
-                    break
-                size += len(chunk)
-                if size > MAX_DOCUMENT_BYTES:
-                    raise KeyFetchError(f"the key set is larger than {MAX_DOCUMENT_BYTES} bytes")
-                if time.monotonic() > deadline:
-                    raise KeyFetchError(f"timed out after {self.timeout}s")
-                chunks.append(chunk)
-        return b"".join(chunks)
+            return read_bounded(response, deadline, self.timeout, KeyFetchError)
 
     def _new_session(self) -> requests.Session:
         session = requests.Session()
@@ -315,3 +296,30 @@ def _describe_request_error(exc: requests.RequestException) -> str:
     if isinstance(exc, requests.ConnectionError):
         return "connection failed"
     return type(exc).__name__
+
+
+def read_bounded(
+    response: requests.Response, deadline: float, timeout: float, error: type[Exception]
+) -> bytes:
+    """The body of a streamed *response*, at most MAX_DOCUMENT_BYTES, by *deadline*
+    (``time.monotonic()``); any failure raises *error* saying why in a few words."""
+    chunks: list[bytes] = []
+    size = 0
+    while True:
+        # read1 returns what has arrived, so the deadline also bounds
+        # an endpoint that trickles bytes.
+        try:
+            chunk = response.raw.read1(65536)
+        except (urllib3.exceptions.HTTPError, OSError) as exc:
+            # Below requests: urllib3's own errors, a stall or a reset mid-body.
+            if isinstance(exc, (urllib3.exceptions.TimeoutError, TimeoutError)):
+                raise error(f"timed out after {timeout}s") from None
+            raise error(f"the answer broke off ({type(exc).__name__})") from None
+        if not chunk:
+            return b"".join(chunks)
+        size += len(chunk)
+        if size > MAX_DOCUMENT_BYTES:
+            raise error(f"the answer is larger than {MAX_DOCUMENT_BYTES} bytes")
+        if time.monotonic() > deadline:
+            raise error(f"timed out after {timeout}s")
+        chunks.append(chunk)
