@@ -31,7 +31,6 @@ from .errors import (
     UpstreamProtocolError,
     UpstreamTimeout,
 )
-from .forwarder import Forwarder
 from .middleware.access_log import AccessLog
 from .middleware.cross_origin import CrossOrigin
 from .middleware.health import Health
@@ -39,6 +38,7 @@ from .middleware.impersonate import Impersonate
 from .middleware.inject import InjectHeaders
 from .middleware.request_id import RequestId
 from .pipeline import Pipeline, build_app
+from .upstream.forwarder import Forwarder
 
 if TYPE_CHECKING:
     from .middleware.identity import Identity

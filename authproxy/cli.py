@@ -72,9 +72,9 @@ def _load(args: argparse.Namespace) -> Config:
 
 
 def cmd_serve(args: argparse.Namespace) -> int:
-    from .logs import configure
     from .pipeline import build_app
-    from .server import serve
+    from .serve.gunicorn import serve
+    from .serve.logs import configure
 
     configure()
     config = _load(args)

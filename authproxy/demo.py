@@ -18,8 +18,8 @@ from typing import TYPE_CHECKING, Any
 from werkzeug.serving import make_server
 from werkzeug.wsgi import get_input_stream
 
-from .logs import configure
 from .pipeline import build_app
+from .serve.logs import configure
 
 if TYPE_CHECKING:
     from _typeshed.wsgi import StartResponse, WSGIEnvironment

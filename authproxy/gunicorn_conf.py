@@ -6,7 +6,7 @@
 The configuration is found as ``authproxy serve`` and ``authproxy.wsgi`` find
 it (``AUTHPROXY_CONFIG``, ``./authproxy.toml``, or the Go sidecar's
 variables), and every setting comes from
-:func:`authproxy.server.gunicorn_settings`, the same function ``authproxy
+:func:`authproxy.serve.gunicorn.gunicorn_settings`, the same function ``authproxy
 serve`` uses: listen address, workers, threads, worker class, timeouts,
 keep-alive, ``forwarded_allow_ips``, request limits, logging. gunicorn's
 command line and ``GUNICORN_CMD_ARGS`` still override any of them
@@ -25,8 +25,8 @@ import sys
 
 from .config import load_config
 from .errors import ConfigError
-from .logs import configure
-from .server import gunicorn_settings
+from .serve.gunicorn import gunicorn_settings
+from .serve.logs import configure
 
 # The source line ("configuration: ...") and any warning about the Go
 # variables are logged while loading, before gunicorn sets up its logging.

@@ -27,10 +27,10 @@ from . import plugins
 from .config import Config, Step, from_mapping
 from .context import STEP, UPSTREAM_URL, plain_response
 from .errors import ConfigError
-from .forwarder import Forwarder
 from .headers import sanitize
 from .middleware.health import Health
 from .middleware.request_id import RequestId
+from .upstream.forwarder import Forwarder
 
 if TYPE_CHECKING:
     from _typeshed.wsgi import StartResponse, WSGIApplication, WSGIEnvironment
@@ -62,7 +62,7 @@ class Pipeline:
     ``steps`` lists ``(name, middleware)`` from outermost to innermost, and
     ``specs`` the :class:`~authproxy.config.Step` each was built from (the
     config's, plus the ``cross-origin`` step when the builder added it);
-    ``forwarder`` is the :class:`~authproxy.forwarder.Forwarder` at the core.
+    ``forwarder`` is the :class:`~authproxy.upstream.forwarder.Forwarder` at the core.
     """
 
     def __init__(self, config: Config) -> None:

@@ -11,8 +11,8 @@ from __future__ import annotations
 import logging
 
 from .config import load_config
-from .logs import configure
 from .pipeline import build_app
+from .serve.logs import configure
 
 if not logging.getLogger("authproxy").handlers:
     configure()

@@ -17,7 +17,7 @@ from __future__ import annotations
 
 import os
 
-from authproxy.logs import logconfig_dict
+from authproxy.serve.logs import logconfig_dict
 
 # cloudflared in the same pod reaches us on localhost; the kubelet probes the pod IP.
 bind = [os.environ.get("AUTHPROXY_LISTEN", "0.0.0.0:8000")]
@@ -30,7 +30,7 @@ bind = [os.environ.get("AUTHPROXY_LISTEN", "0.0.0.0:8000")]
 # them all and `threads` is ignored. authproxy's ThreadWorker is gunicorn's
 # gthread worker with less work per request (what `authproxy serve` runs for
 # "gthread"; docs/deploy.md lists what it changes); plain "gthread" works too.
-worker_class = "authproxy.workers.ThreadWorker"
+worker_class = "authproxy.serve.gthread.ThreadWorker"
 workers = 2
 threads = 16
 
@@ -73,7 +73,7 @@ worker_tmp_dir = "/dev/shm"
 # whenever logconfig_dict is set, so its access logger is silenced too, and
 # authproxy's logger class skips gathering those lines in the first place.
 accesslog = None
-logger_class = "authproxy.server.GunicornLogger"
+logger_class = "authproxy.serve.gunicorn.GunicornLogger"
 errorlog = "-"
 loglevel = "info"
 logconfig_dict = logconfig_dict("info")

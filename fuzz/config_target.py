@@ -4,7 +4,7 @@ forwarder and the option checks of the built-in steps.
 A config error must be a :class:`~authproxy.errors.ConfigError` naming the key;
 anything else (a ``ValueError`` from deep inside, a ``TypeError``) is a crash.
 Nothing here touches the network: the identity step's options are resolved
-(:func:`authproxy.providers.resolve`) but no key set is fetched, and templates
+(:func:`authproxy.middleware.identity.providers.resolve`) but no key set is fetched, and templates
 reading files are left out.
 
     python -m fuzz.run config      # or: python -m fuzz.fuzz_config [libFuzzer flags] CORPUS
@@ -18,11 +18,11 @@ from typing import Any
 from authproxy import plugins
 from authproxy.config import from_mapping
 from authproxy.errors import ConfigError
-from authproxy.forwarder import Forwarder
 from authproxy.middleware.access_log import AccessLog
 from authproxy.middleware.identity import Identity
+from authproxy.middleware.identity.providers import resolve
 from authproxy.middleware.inject import InjectHeaders
-from authproxy.providers import resolve
+from authproxy.upstream.forwarder import Forwarder
 
 #: Options of the identity step that :func:`resolve` checks.
 _RESOLVED = ("team_domain", "audience", "certs_url", "issuer", "header", "cookie", "algorithms")

@@ -10,7 +10,8 @@ The first byte picks what the rest is:
 - ``2``: the protected header (JSON text) of such a token;
 - ``3``: a key set document, as the key endpoint might return it.
 
-Allowed outcomes: ``200``, ``401`` or ``403`` (a :class:`~authproxy.keys.KeyFetchError`
+Allowed outcomes: ``200``, ``401`` or ``403`` (a
+:class:`~authproxy.middleware.identity.keys.KeyFetchError`
 for a bad key set); on ``200`` every identity header is a latin-1 value without
 CR, LF or NUL. Anything else, an exception included, is a crash. The keys come
 from a real key server on 127.0.0.1 (:mod:`tests.jwks`).
@@ -27,8 +28,8 @@ import jwt
 from jwt.api_jws import PyJWS
 
 from authproxy.headers import has_ctl
-from authproxy.keys import KeyFetchError, parse_key_set
 from authproxy.middleware.identity import Identity
+from authproxy.middleware.identity.keys import KeyFetchError, parse_key_set
 from tests.jwks import AUDIENCE, ISSUER, TEAM_DOMAIN, JwksServer, SigningKey
 
 HEADER_KEY = "HTTP_CF_ACCESS_JWT_ASSERTION"

@@ -631,7 +631,7 @@ class Proxy:
 
     def logs(self) -> str:
         """The proxy's output so far. Access lines are written in batches at most
-        0.1 s late (authproxy.logs.BatchingStreamHandler): wait those out first."""
+        0.1 s late (authproxy.serve.logs.BatchingStreamHandler): wait those out first."""
         if self.process.poll() is None:
             time.sleep(0.3)
         if not self._log.closed:

@@ -21,7 +21,7 @@ from authproxy.config import (
     load_file,
 )
 from authproxy.errors import ConfigError
-from authproxy.server import gunicorn_settings
+from authproxy.serve.gunicorn import gunicorn_settings
 
 from .support import TOKEN
 

@@ -173,7 +173,7 @@ GUNICORN_CONF = ROOT / "examples" / "gunicorn.conf.py"
 
 def test_gunicorn_example_settings_fit_behind_cloudflared() -> None:
     conf = runpy.run_path(str(GUNICORN_CONF))
-    assert conf["worker_class"] == "authproxy.workers.ThreadWorker" and conf["threads"] >= 2
+    assert conf["worker_class"] == "authproxy.serve.gthread.ThreadWorker" and conf["threads"] >= 2
     assert conf["keepalive"] > 90, "cloudflared keeps idle origin connections for 90 s"
     assert conf["header_map"] in ("drop", "refuse")
     assert "*" not in conf["forwarded_allow_ips"]
@@ -213,7 +213,7 @@ def test_gunicorn_example_serves_and_drops_underscore_headers(
             rc = process.wait(timeout=60)
     text = log.read_text(errors="replace")
     assert rc == 0, text
-    assert "Using worker: authproxy.workers.ThreadWorker" in text
+    assert "Using worker: authproxy.serve.gthread.ThreadWorker" in text
     assert TOKEN not in text
     # One access line per request, from authproxy's step (JSON), none from gunicorn.
     assert '"GET /x HTTP/1.1"' not in text

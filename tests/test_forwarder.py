@@ -15,7 +15,7 @@ import pytest
 from werkzeug.test import Client, EnvironBuilder
 
 from authproxy.errors import ConfigError
-from authproxy.forwarder import (
+from authproxy.upstream.forwarder import (
     UPSTREAM_MS_KEY,
     UPSTREAM_URL_KEY,
     Forwarder,
@@ -351,7 +351,7 @@ def test_ambiguous_framing_is_a_502(answer: bytes) -> None:
 def _streamed_response(sock: socket.socket, waits: list[int]) -> Any:
     from types import SimpleNamespace
 
-    from authproxy.transport import Response
+    from authproxy.upstream.transport import Response
 
     response = Response(SimpleNamespace(sock=sock), None, False, 65536)
     response.read_head()

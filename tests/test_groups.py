@@ -10,7 +10,7 @@ import jwt
 import pytest
 
 from authproxy.context import VerifiedIdentity
-from authproxy.groups import AccessGroups, GroupsUnavailable
+from authproxy.middleware.identity.groups import AccessGroups, GroupsUnavailable
 
 from .impersonation import AccessIdentity
 

@@ -18,7 +18,7 @@ from werkzeug.test import Client
 
 from authproxy import ConfigError, VerifiedIdentity, build_app
 from authproxy.middleware.identity import Identity
-from authproxy.providers import PROVIDERS
+from authproxy.middleware.identity.providers import PROVIDERS
 
 from .jwks import (
     AUDIENCE,

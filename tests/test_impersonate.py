@@ -12,8 +12,8 @@ from werkzeug.test import Client
 from authproxy import ConfigError, Impersonate, VerifiedIdentity, build_app
 from authproxy.context import EXTRA_HEADERS, IDENTITY, add_upstream_header
 from authproxy.middleware.identity import Identity
+from authproxy.middleware.identity.policy import Policy
 from authproxy.middleware.impersonate import extra_header
-from authproxy.policy import Policy
 
 from .jwks import AUDIENCE, TEAM_DOMAIN, JwksServer, SigningKey
 

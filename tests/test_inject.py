@@ -14,8 +14,8 @@ from werkzeug.test import Client
 from authproxy import InjectHeaders
 from authproxy.context import IDENTITY, VerifiedIdentity
 from authproxy.errors import ConfigError
+from authproxy.middleware.templates import Template
 from authproxy.secrets import redact
-from authproxy.templates import Template
 
 from .support import TOKEN
 

@@ -8,7 +8,7 @@ from collections.abc import Iterator
 
 import pytest
 
-from authproxy.keys import KeyCache, KeyFetchError, parse_key_set
+from authproxy.middleware.identity.keys import KeyCache, KeyFetchError, parse_key_set
 
 from .jwks import JwksServer, SigningKey, certs_document
 from .support import Upstream

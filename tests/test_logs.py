@@ -12,7 +12,7 @@ from collections.abc import Iterator
 import pytest
 
 from authproxy.addresses import in_networks
-from authproxy.logs import BatchingStreamHandler
+from authproxy.serve.logs import BatchingStreamHandler
 
 from .support import wait_until
 

@@ -18,7 +18,6 @@ from hypothesis import strategies as st
 
 from authproxy.context import IDENTITY, VerifiedIdentity
 from authproxy.errors import ConfigError
-from authproxy.forwarder import join_path, request_target
 from authproxy.headers import (
     HOP_BY_HOP_KEYS,
     REQUEST_CHUNKED_KEY,
@@ -27,10 +26,11 @@ from authproxy.headers import (
     has_ctl,
     sanitize,
 )
+from authproxy.middleware.identity.policy import Policy, SkipPaths
 from authproxy.middleware.inject import InjectHeaders
-from authproxy.policy import Policy, SkipPaths
-from authproxy.templates import Template
-from authproxy.transport import encode_head
+from authproxy.middleware.templates import Template
+from authproxy.upstream.forwarder import join_path, request_target
+from authproxy.upstream.transport import encode_head
 
 # Generous on a loaded machine: properties, not timings.
 settings.register_profile(

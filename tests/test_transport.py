@@ -13,7 +13,7 @@ from collections.abc import Iterator
 import pytest
 
 from authproxy.errors import UpstreamProtocolError, UpstreamTimeout
-from authproxy.transport import IdleConnections, Response
+from authproxy.upstream.transport import IdleConnections, Response
 
 needs_splice = pytest.mark.skipif(not hasattr(os, "splice"), reason="needs os.splice (Linux)")
 
@@ -154,7 +154,7 @@ def test_the_servers_head_goes_out_first(pair: Pair, behind_the_head: int) -> No
 
 @needs_splice
 def test_a_pipe_is_kept_only_when_its_splice_left_it_empty() -> None:
-    from authproxy.transport import _PIPES
+    from authproxy.upstream.transport import _PIPES
 
     def splice_once(fail: bool) -> None:
         pair = Pair()

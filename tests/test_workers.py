@@ -9,7 +9,7 @@ from typing import Any
 import pytest
 import requests
 
-from authproxy.workers import ThreadWorker
+from authproxy.serve.gthread import ThreadWorker
 
 from .conftest import bearer_config
 from .support import wait_until
@@ -100,7 +100,7 @@ def test_busy_and_idle_workers_outlive_a_short_timeout(upstream: Any, start_prox
     time.sleep(4)
     assert sorted(proxy.worker_pids()) == pids
     assert "WORKER TIMEOUT" not in proxy.logs()
-    assert "authproxy.workers.ThreadWorker" in proxy.logs()
+    assert "authproxy.serve.gthread.ThreadWorker" in proxy.logs()
 
 
 # -- the response that sends its head with the first body bytes ----------------
@@ -127,7 +127,7 @@ def exchange(
     from gunicorn import http
     from gunicorn.config import Config
 
-    from authproxy.workers import Response
+    from authproxy.serve.gthread import Response
 
     sock = Recorder(request)
     cfg = Config()
@@ -199,7 +199,7 @@ def test_the_head_is_gunicorns_own(
     from gunicorn.config import Config
     from gunicorn.http import wsgi
 
-    from authproxy.workers import Response
+    from authproxy.serve.gthread import Response
 
     cfg = Config()
     heads = []
@@ -239,7 +239,7 @@ def test_only_a_body_left_unread_needs_draining(request_: bytes, read: int, drai
     from gunicorn import http
     from gunicorn.config import Config
 
-    from authproxy.workers import _body_read
+    from authproxy.serve.gthread import _body_read
 
     req = next(http.get_parser(Config(), Recorder(request_), ("127.0.0.1", 5000)))
     if read:
@@ -316,7 +316,7 @@ def splice_exchange(
     from gunicorn import http
     from gunicorn.config import Config
 
-    from authproxy.workers import Response
+    from authproxy.serve.gthread import Response
 
     cfg = Config()
     if is_ssl:
@@ -337,7 +337,7 @@ def splice_exchange(
 
 
 def test_a_body_that_can_splice_goes_socket_to_socket() -> None:
-    from authproxy.workers import _Spliceable
+    from authproxy.serve.gthread import _Spliceable
 
     def splice_to(sock: Any, length: int, head: bytes) -> Any:
         assert length == 10
@@ -374,7 +374,7 @@ def refuses(sock: Any, length: int, head: bytes) -> Any:
     ],
 )
 def test_otherwise_the_body_is_iterated(headers: list[tuple[str, str]], is_ssl: bool) -> None:
-    from authproxy.workers import _Spliceable
+    from authproxy.serve.gthread import _Spliceable
 
     received, _ = splice_exchange(headers, _Spliceable([b"hello"], never), is_ssl=is_ssl)
     body = received.partition(b"\r\n\r\n")[2]
@@ -382,7 +382,7 @@ def test_otherwise_the_body_is_iterated(headers: list[tuple[str, str]], is_ssl: 
 
 
 def test_a_body_whose_length_the_head_does_not_announce_is_iterated() -> None:
-    from authproxy.workers import _Spliceable
+    from authproxy.serve.gthread import _Spliceable
 
     received, _ = splice_exchange([("Content-Length", "5")], _Spliceable([b"hello"], refuses))
     head, _, body = received.partition(b"\r\n\r\n")
@@ -392,7 +392,7 @@ def test_a_body_whose_length_the_head_does_not_announce_is_iterated() -> None:
 def test_only_bodies_offering_splice_to_are_marked_and_closing_reaches_them() -> None:
     from gunicorn.http.wsgi import FileWrapper
 
-    from authproxy.workers import _offering_splice
+    from authproxy.serve.gthread import _offering_splice
 
     class Offering(Untouchable):
         splice_to = staticmethod(never)
@@ -483,6 +483,11 @@ def test_without_epoll_requests_are_dispatched_as_gunicorn_does(
         for n in range(3):
             assert session.get(f"{proxy.url}/status/200?{n}", timeout=10).status_code == 200
     (pid,) = proxy.worker_pids()
-    fds = [os.readlink(f"/proc/{pid}/fd/{fd}") for fd in os.listdir(f"/proc/{pid}/fd")]
+    fds = []
+    for fd in os.listdir(f"/proc/{pid}/fd"):
+        try:
+            fds.append(os.readlink(f"/proc/{pid}/fd/{fd}"))
+        except FileNotFoundError:  # closed since the listing
+            pass
     assert "anon_inode:[eventpoll]" not in fds
     assert "Error" not in proxy.logs()

@@ -11,7 +11,7 @@ from typing import TYPE_CHECKING, Any
 from ..context import IDENTITY, VerifiedIdentity, add_upstream_header, refuse
 from ..errors import ConfigError
 from ..headers import has_ctl
-from ..templates import Template
+from .templates import Template
 
 if TYPE_CHECKING:
     from _typeshed.wsgi import StartResponse, WSGIApplication, WSGIEnvironment

@@ -10,7 +10,7 @@ from ..context import plain_response
 from ..errors import ConfigError
 from ..headers import environ_key, has_ctl, sanitize
 from ..secrets import register_secret
-from ..templates import Template
+from .templates import Template
 
 if TYPE_CHECKING:
     from _typeshed.wsgi import StartResponse, WSGIApplication, WSGIEnvironment

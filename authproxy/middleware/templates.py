@@ -19,10 +19,10 @@ import time
 from collections.abc import Mapping
 from typing import Any
 
-from .context import IDENTITY
-from .errors import ConfigError
-from .headers import has_ctl
-from .secrets import register_secret
+from ..context import IDENTITY
+from ..errors import ConfigError
+from ..headers import has_ctl
+from ..secrets import register_secret
 
 log = logging.getLogger("authproxy.templates")
 

@@ -21,7 +21,7 @@ import ssl
 import time
 from typing import TYPE_CHECKING, Any
 
-from .errors import UpstreamTimeout
+from ..errors import UpstreamTimeout
 
 if TYPE_CHECKING:
     from _typeshed.wsgi import WSGIEnvironment
@@ -87,7 +87,7 @@ def client_gone(sock: socket.socket) -> bool | None:
 class UpstreamWait:
     """Waits for the next bytes of a streamed upstream body, watching the client.
 
-    Made by :meth:`create` for a :class:`~authproxy.transport.Response`;
+    Made by :meth:`create` for a :class:`~authproxy.upstream.transport.Response`;
     :meth:`wait` returns once a read will not block, raises
     :class:`ClientGone` when the client hangs up first, and
     :class:`~authproxy.errors.UpstreamTimeout` after *timeout* seconds of

@@ -355,7 +355,7 @@ def _offering_splice(app: Callable[..., Iterable[bytes]]) -> Callable[..., Itera
     takes the client's socket, the length the head announces and the head,
     raises ValueError at once if that length is not the body's, and otherwise
     returns an iterator that sends the head and moves the body there, yielding
-    the body bytes of each move (:meth:`authproxy.transport.Response.splice_to`).
+    the body bytes of each move (:meth:`authproxy.upstream.transport.Response.splice_to`).
     """
 
     def serve(environ: Any, start_response: Any) -> Iterable[bytes]:

@@ -24,9 +24,9 @@ import urllib3
 from requests.adapters import HTTPAdapter
 from urllib3.exceptions import InsecureRequestWarning
 
-from .context import EXTRA_HEADERS
-from .errors import ConfigError, UpstreamError
-from .headers import (
+from ..context import EXTRA_HEADERS
+from ..errors import ConfigError, UpstreamError
+from ..headers import (
     HOP_BY_HOP_NAMES,
     REQUEST_CHUNKED_KEY,
     REQUEST_CODINGS_KEY,
@@ -36,7 +36,7 @@ from .headers import (
     header_name,
     sanitize,
 )
-from .sockets import UpstreamWait
+from .client import UpstreamWait
 from .transport import Response, Transport
 from .tunnel import Tunnel
 
@@ -414,7 +414,7 @@ class _Stream:
     A failure mid-body raises, so the server aborts the client connection
     instead of ending the body short and making a truncated file look whole.
     With *wait*, a client that hangs up while the upstream is quiet ends the
-    body at once (:class:`~authproxy.sockets.ClientGone`).
+    body at once (:class:`~authproxy.upstream.client.ClientGone`).
     """
 
     __slots__ = ("_response", "_wait")
@@ -429,7 +429,7 @@ class _Stream:
     @property
     def splice_to(self) -> Callable[[socket.socket, int, bytes], Iterator[int]] | None:
         """What moves the body to the client's socket inside the kernel, when it can
-        (see :meth:`~authproxy.transport.Response.splice_to`); None otherwise."""
+        (see :meth:`~authproxy.upstream.transport.Response.splice_to`); None otherwise."""
         return self._response.splice_to if self._response.can_splice() else None
 
     def close(self) -> None:

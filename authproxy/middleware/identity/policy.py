@@ -5,8 +5,8 @@ from __future__ import annotations
 from collections.abc import Mapping
 from typing import TYPE_CHECKING, Any
 
-from .context import VerifiedIdentity
-from .errors import ConfigError
+from ...context import VerifiedIdentity
+from ...errors import ConfigError
 
 if TYPE_CHECKING:
     from _typeshed.wsgi import WSGIEnvironment

@@ -27,7 +27,7 @@ from typing import Any
 import httptools
 from urllib3.util.wait import wait_for_read
 
-from .errors import UpstreamConnectError, UpstreamProtocolError, UpstreamTimeout
+from ..errors import UpstreamConnectError, UpstreamProtocolError, UpstreamTimeout
 
 _HEAD_RECV = 64 * 1024
 #: os.splice (Linux, Python 3.10+): a counted body can move socket to socket

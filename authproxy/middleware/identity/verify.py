@@ -21,7 +21,7 @@ from typing import Any
 import jwt
 from jwt import exceptions as jwt_errors
 
-from .context import VerifiedIdentity
+from ...context import VerifiedIdentity
 from .keys import KeyCache
 
 REQUIRED_CLAIMS = ("exp", "iat", "aud", "iss")

@@ -8,11 +8,11 @@ from typing import Any
 from gunicorn import glogging
 from gunicorn.app.base import BaseApplication
 
-from .config import Config
+from ..config import Config
+from ..pipeline import build_app
 from .logs import logconfig_dict
-from .pipeline import build_app
 
-_WORKER_CLASSES = {"gthread": "authproxy.workers.ThreadWorker"}
+_WORKER_CLASSES = {"gthread": "authproxy.serve.gthread.ThreadWorker"}
 
 
 def gunicorn_settings(config: Config) -> dict[str, Any]:
@@ -23,7 +23,7 @@ def gunicorn_settings(config: Config) -> dict[str, Any]:
         "workers": s.workers,
         # gunicorn swaps "sync" for its gthread worker when threads > 1.
         "threads": 1 if s.worker_class == "sync" else s.threads,
-        # authproxy.workers.ThreadWorker: gunicorn's gthread, lighter per request.
+        # authproxy.serve.gthread.ThreadWorker: gunicorn's gthread, lighter per request.
         "worker_class": _WORKER_CLASSES.get(s.worker_class, s.worker_class),
         # gunicorn takes whole seconds here.
         "timeout": max(1, round(s.timeout)),
@@ -36,7 +36,7 @@ def gunicorn_settings(config: Config) -> dict[str, Any]:
         "limit_request_fields": s.limit_request_fields,
         "limit_request_field_size": s.limit_request_field_size,
         "accesslog": None,  # the pipeline's access-log step writes the access log
-        "logger_class": "authproxy.server.GunicornLogger",
+        "logger_class": "authproxy.serve.gunicorn.GunicornLogger",
         "errorlog": "-",
         "loglevel": s.log_level,
         "logconfig_dict": logconfig_dict(s.log_level),

@@ -14,7 +14,7 @@ injected credential like any other request). The :class:`Tunnel`:
    connection stays plain HTTP, and its next request goes through the whole
    pipeline again;
 4. on ``101`` naming one of the requested protocols, writes the ``101`` to the
-   client itself and splices bytes both ways (:func:`~authproxy.splice.splice`)
+   client itself and splices bytes both ways (:func:`~authproxy.upstream.relay.splice`)
    until both sides have closed, the tunnel is idle too long, or it reaches its
    maximum lifetime;
 5. then shuts the client socket down, so the server can neither write a
@@ -35,7 +35,7 @@ import time
 from collections.abc import Callable, Iterable, Iterator
 from typing import TYPE_CHECKING, Any
 
-from .context import (
+from ..context import (
     TUNNEL_BYTES_IN,
     TUNNEL_BYTES_OUT,
     TUNNEL_END,
@@ -43,11 +43,11 @@ from .context import (
     UPSTREAM_URL,
     plain_response,
 )
-from .context import refuse as _refuse
-from .errors import UpstreamError, UpstreamTimeout
-from .headers import HOP_BY_HOP_NAMES, UPGRADE_KEY, connection_tokens, has_ctl
-from .sockets import client_socket, pipelined
-from .splice import splice
+from ..context import refuse as _refuse
+from ..errors import UpstreamError, UpstreamTimeout
+from ..headers import HOP_BY_HOP_NAMES, UPGRADE_KEY, connection_tokens, has_ctl
+from .client import client_socket, pipelined
+from .relay import splice
 from .transport import Response, Transport
 
 if TYPE_CHECKING:
@@ -62,10 +62,10 @@ Relay = Callable[[str, Response, "StartResponse", "WSGIEnvironment"], Iterable[b
 class Tunnel:
     """Relays an accepted HTTP/1.1 Upgrade between the client and the upstream.
 
-    The :class:`~authproxy.forwarder.Forwarder` makes one (unless built with
+    The :class:`~authproxy.upstream.forwarder.Forwarder` makes one (unless built with
     ``websocket=False``) and hands it every request that asks to upgrade.
 
-    :param transport: the forwarder's :class:`~authproxy.transport.Transport`.
+    :param transport: the forwarder's :class:`~authproxy.upstream.transport.Transport`.
         Each tunnel gets a new connection made by its pool (so with its TLS
         settings and timeouts), never returned to it.
     :param idle_timeout: seconds without a byte in either direction after which

@@ -141,7 +141,7 @@ def logconfig_dict(level: str = "info") -> dict[str, Any]:
                 "stream": "ext://sys.stderr",
             },
             "access": {
-                "class": "authproxy.logs.BatchingStreamHandler",
+                "class": "authproxy.serve.logs.BatchingStreamHandler",
                 "formatter": "message",
                 "stream": "ext://sys.stderr",
             },

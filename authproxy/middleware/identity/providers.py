@@ -15,7 +15,7 @@ from dataclasses import dataclass
 from typing import Any
 from urllib.parse import urlsplit
 
-from .errors import ConfigError
+from ...errors import ConfigError
 from .keys import ASYMMETRIC_ALGORITHMS
 from .policy import string_list
 

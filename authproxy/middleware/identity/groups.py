@@ -38,8 +38,8 @@ from typing import Any
 
 import requests
 
-from . import __version__
-from .context import VerifiedIdentity
+from ... import __version__
+from ...context import VerifiedIdentity
 from .keys import read_bounded
 
 log = logging.getLogger("authproxy.groups")

@@ -6,15 +6,15 @@ from __future__ import annotations
 from collections.abc import Iterable, Mapping
 from typing import TYPE_CHECKING, Any
 
-from ..context import IDENTITY, refuse
-from ..errors import ConfigError
-from ..groups import AccessGroups, GroupsUnavailable
-from ..headers import environ_key, sanitize
-from ..keys import KeyCache
-from ..policy import Policy, SkipPaths
-from ..providers import check_header_name, cookie_copies, keep_one_cookie, resolve
+from ...context import IDENTITY, refuse
+from ...errors import ConfigError
+from ...headers import environ_key, sanitize
 from ..templates import identity_value
-from ..verify import Refused, TokenVerifier
+from .groups import AccessGroups, GroupsUnavailable
+from .keys import KeyCache
+from .policy import Policy, SkipPaths
+from .providers import check_header_name, cookie_copies, keep_one_cookie, resolve
+from .verify import Refused, TokenVerifier
 
 if TYPE_CHECKING:
     from _typeshed.wsgi import StartResponse, WSGIApplication, WSGIEnvironment

@@ -1,0 +1,1 @@
+"""Running under gunicorn: the integration, the worker, log writing."""
