@@ -44,7 +44,7 @@ _MAX_REQUEST_LINE = 8190
 _MAX_REQUEST_FIELDS = 32768
 
 log = logging.getLogger("authproxy.config")
-_WORKER_CLASSES = ("gthread", "sync", "gevent", "eventlet", "tornado")
+_WORKER_CLASSES = ("authproxy", "gthread", "sync", "gevent", "eventlet", "tornado")
 _LOG_LEVELS = ("debug", "info", "warning", "error", "critical")
 
 
@@ -53,9 +53,17 @@ class ServerConfig:
     listen: str = "0.0.0.0:8000"
     workers: int = 2
     threads: int = 16
-    worker_class: str = "gthread"
-    #: gunicorn's worker heartbeat timeout (not a request timeout under gthread).
+    #: "authproxy": an event loop holds idle, slow, streaming and tunnelled
+    #: connections, threads run requests (see authproxy.serve.worker); or one of
+    #: gunicorn's own workers.
+    worker_class: str = "authproxy"
+    #: gunicorn's worker heartbeat timeout (not a request timeout).
     timeout: float = 30.0
+    #: seconds a request head may take to arrive in full (slow clients are closed).
+    header_timeout: float = 10.0
+    #: seconds a request body may stall between bytes before the request ends
+    #: with 408 (authproxy worker).
+    body_timeout: float = 60.0
     #: seconds in-flight requests get to finish after SIGTERM.
     graceful_timeout: float = 25.0
     keepalive: float = 75.0
@@ -89,7 +97,12 @@ class UpstreamConfig:
     #: relay WebSocket/Upgrade requests through the server's raw socket.
     websocket: bool = True
     websocket_idle_timeout: float | None = 3600.0
-    websocket_max_lifetime: float | None = None
+    #: seconds after which any tunnel closes (0: no limit); a tunnel opened with
+    #: a verified token also closes when the token expires.
+    websocket_max_lifetime: float | None = 12 * 3600.0
+    #: Upgrade protocols relayed as tunnels; any other is removed and the
+    #: request forwarded as plain HTTP ("SPDY/3.1" for kubectl exec-style clients).
+    upgrades: tuple[str, ...] = ("websocket",)
 
 
 @dataclass(frozen=True)
@@ -182,7 +195,7 @@ def from_mapping(data: Mapping[str, Any], source: str = "<python>") -> Config:
     for key in ("workers", "threads"):
         if getattr(server, key) < 1:
             raise ConfigError(f"server.{key}", f"expected at least 1, got {getattr(server, key)}")
-    for key in ("timeout", "graceful_timeout"):
+    for key in ("timeout", "graceful_timeout", "header_timeout", "body_timeout"):
         if not getattr(server, key) > 0:
             raise ConfigError(
                 f"server.{key}", f"expected a positive number, got {getattr(server, key)!r}"

@@ -42,7 +42,7 @@ import re
 from collections.abc import Callable, Iterable, Iterator, Mapping
 from dataclasses import dataclass, field
 from http import HTTPStatus
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Protocol
 
 from .addresses import CLIENT_ADDRESS, ClientAddress, in_networks, parse_networks
 from .secrets import register_secret
@@ -252,6 +252,17 @@ class CountedBody:
 
         return counted
 
+    @property
+    def feed(self) -> Feed | None:
+        """The body's own ``feed`` (a server relaying it from its event loop), counted."""
+        feed = getattr(self._body, "feed", None)
+        return None if feed is None else _CountedFeed(feed, self)
+
+    @property
+    def tunnel(self) -> Any:
+        """The body's own ``tunnel`` (an accepted upgrade a server may relay itself)."""
+        return getattr(self._body, "tunnel", None)
+
     def _count(self, pieces: Iterable[Any], size: Callable[[Any], int]) -> Iterator[Any]:
         try:
             for piece in pieces:
@@ -272,3 +283,54 @@ class CountedBody:
             if not self._done:
                 self._done = True
                 self._on_close(self._sent, self._aborted)
+
+
+class Feed(Protocol):
+    """A streamed response body that a server can relay from its event loop.
+
+    A WSGI body is iterated by a thread that waits for each piece. A body
+    that also has a ``feed`` attribute (not None) offers this instead: the
+    server waits for :meth:`fileno` to turn readable, then calls
+    :meth:`read_nowait` until it returns ``b""``; None means the body ended.
+    Errors are the upstream's (:class:`~authproxy.errors.UpstreamError`) and
+    abort the client connection, as in iteration. The server still calls
+    the body's ``close()`` when done, so the access log writes its line when
+    the stream ends. A step that wraps a body keeps the offer by passing
+    ``feed`` on (as :class:`CountedBody` does); one that does not, turns it
+    into a plain iterated body, which still works and holds a thread.
+    """
+
+    #: Seconds the upstream may stay silent before the body fails.
+    read_timeout: float | None
+
+    def fileno(self) -> int: ...
+
+    def read_nowait(self) -> bytes | None: ...
+
+
+class _CountedFeed:
+    """A :class:`Feed` whose bytes and failure a :class:`CountedBody` records."""
+
+    __slots__ = ("_feed", "_body", "read_timeout")
+
+    def __init__(self, feed: Feed, body: CountedBody) -> None:
+        self._feed = feed
+        self._body = body
+        self.read_timeout = feed.read_timeout
+
+    def fileno(self) -> int:
+        return self._feed.fileno()
+
+    def read_nowait(self) -> bytes | None:
+        try:
+            data = self._feed.read_nowait()
+        except BaseException as exc:
+            self._body._aborted = type(exc).__name__
+            raise
+        if data:
+            self._body._sent += len(data)
+        return data
+
+    def abort(self, reason: str) -> None:
+        """The server gave up on the body (``"ClientGone"``): the log says so."""
+        self._body._aborted = reason

@@ -86,6 +86,7 @@ class Pipeline:
             websocket=up.websocket,
             websocket_idle_timeout=up.websocket_idle_timeout,
             websocket_max_lifetime=up.websocket_max_lifetime,
+            upgrades=up.upgrades,
         )
         app: Any = _Guard(self.forwarder, "forwarder")
         built: list[tuple[str, Any]] = []
@@ -158,7 +159,7 @@ def with_cross_origin(steps: tuple[Step, ...]) -> tuple[Step, ...]:
 def _pool_size(config: Config) -> int:
     """Upstream connections to keep: one per thread, or, for the async workers
     (one connection per greenlet), as many as gunicorn lets a worker hold."""
-    if config.server.worker_class in ("gthread", "sync"):
+    if config.server.worker_class in ("authproxy", "gthread", "sync"):
         return config.server.threads
     return 1000  # gunicorn's worker_connections
 

@@ -11,8 +11,7 @@ from gunicorn.app.base import BaseApplication
 from ..config import Config
 from ..pipeline import build_app
 from .logs import logconfig_dict
-
-_WORKER_CLASSES = {"gthread": "authproxy.serve.gthread.ThreadWorker"}
+from .worker import Worker
 
 
 def gunicorn_settings(config: Config) -> dict[str, Any]:
@@ -23,8 +22,7 @@ def gunicorn_settings(config: Config) -> dict[str, Any]:
         "workers": s.workers,
         # gunicorn swaps "sync" for its gthread worker when threads > 1.
         "threads": 1 if s.worker_class == "sync" else s.threads,
-        # authproxy.serve.gthread.ThreadWorker: gunicorn's gthread, lighter per request.
-        "worker_class": _WORKER_CLASSES.get(s.worker_class, s.worker_class),
+        "worker_class": _worker_class(config),
         # gunicorn takes whole seconds here.
         "timeout": max(1, round(s.timeout)),
         "graceful_timeout": max(1, round(s.graceful_timeout)),
@@ -42,6 +40,22 @@ def gunicorn_settings(config: Config) -> dict[str, Any]:
         "logconfig_dict": logconfig_dict(s.log_level),
         "proc_name": "authproxy",
     }
+
+
+def _worker_class(config: Config) -> Any:
+    """gunicorn's name for *config*'s worker; authproxy's own with its [server] timeouts."""
+    s = config.server
+    if s.worker_class != "authproxy":
+        return s.worker_class
+    return type(
+        "Worker",
+        (Worker,),
+        {
+            "__module__": Worker.__module__,
+            "header_timeout": s.header_timeout,
+            "body_timeout": s.body_timeout,
+        },
+    )
 
 
 class GunicornLogger(glogging.Logger):  # type: ignore[misc]

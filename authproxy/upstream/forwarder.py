@@ -132,8 +132,12 @@ class Forwarder:
         plain requests without the upgrade (see :mod:`authproxy.tunnel`).
     :param websocket_idle_timeout: seconds a tunnel may carry no byte either
         way before it is closed; 0 or None: no limit.
-    :param websocket_max_lifetime: seconds after which any tunnel is closed;
-        0 or None (default): no limit.
+    :param websocket_max_lifetime: seconds after which any tunnel is closed
+        (default 12 hours); 0 or None: no limit. A tunnel opened with a verified
+        token also closes when that token expires (see :mod:`authproxy.upstream.tunnel`).
+    :param upgrades: the ``Upgrade`` protocols relayed as tunnels (default
+        ``("websocket",)``; add ``"SPDY/3.1"`` for ``kubectl exec``-style
+        clients). Any other is removed and the request forwarded as plain HTTP.
 
     ``TRACE`` (and IIS's ``TRACK``) are answered ``501``, never forwarded: an
     upstream that implements them would echo the injected credential.
@@ -158,7 +162,8 @@ class Forwarder:
         chunk_size: int = 256 * 1024,
         websocket: bool = True,
         websocket_idle_timeout: float | None = 3600.0,
-        websocket_max_lifetime: float | None = None,
+        websocket_max_lifetime: float | None = 12 * 3600.0,
+        upgrades: Iterable[str] = ("websocket",),
     ) -> None:
         try:
             parts = urlsplit(url)
@@ -186,6 +191,13 @@ class Forwarder:
                 )
         if pool_size < 1:
             raise ConfigError("upstream.pool_size", f"expected at least 1, got {pool_size!r}")
+        names = [upgrades] if isinstance(upgrades, str) else list(upgrades)
+        if not all(isinstance(n, str) and n.strip() and "," not in n for n in names):
+            raise ConfigError(
+                "upstream.upgrades", f"expected a list of protocol names, got {upgrades!r}"
+            )
+        #: Upgrade protocols relayed as tunnels (lower case); others go on as plain HTTP.
+        self.upgrades = frozenset(n.strip().lower() for n in names)
         self.url = url
         self.preserve_host = preserve_host
         self.strip_impersonation = strip_impersonation
@@ -274,22 +286,29 @@ class Forwarder:
             return _error(start_response, "500 Internal Server Error")
         # An upgrade only means something on an HTTP/1.1 connection; elsewhere
         # the request is served as if it had not asked (RFC 9110 7.8 allows it).
+        # Only the protocols in `upgrades` are relayed; any other Upgrade was
+        # removed with the hop-by-hop headers, so the request goes on as plain
+        # HTTP, and a 101 to it is refused (the transport asked for none).
+        upgrade = environ.get(UPGRADE_KEY)
         if (
-            UPGRADE_KEY in environ
+            upgrade is not None
             and self._tunnel is not None
             and environ.get("SERVER_PROTOCOL") == "HTTP/1.1"
         ):
-            return self._tunnel(
-                environ,
-                start_response,
-                method,
-                target,
-                self._headers(environ),
-                body,
-                chunked,
-                self._relay,
-                extra=extra or (),
-            )
+            offered = [p.strip() for p in upgrade.split(",") if p.strip().lower() in self.upgrades]
+            if offered:
+                return self._tunnel(
+                    environ,
+                    start_response,
+                    method,
+                    target,
+                    self._headers(environ),
+                    body,
+                    chunked,
+                    self._relay,
+                    extra=extra or (),
+                    upgrade=", ".join(offered),
+                )
         started = time.perf_counter()
         try:
             response = self._send(method, target, self._headers(environ), body, chunked, extra)
@@ -431,6 +450,12 @@ class _Stream:
         """What moves the body to the client's socket inside the kernel, when it can
         (see :meth:`~authproxy.upstream.transport.Response.splice_to`); None otherwise."""
         return self._response.splice_to if self._response.can_splice() else None
+
+    @property
+    def feed(self) -> Response:
+        """The body for a server to relay from its event loop instead of a thread
+        (:class:`~authproxy.context.Feed`; :meth:`Response.read_nowait`)."""
+        return self._response
 
     def close(self) -> None:
         if self._wait is not None:

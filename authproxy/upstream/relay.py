@@ -32,8 +32,8 @@ def splice(
     ``"lifetime"`` (*max_lifetime* reached), ``"reset"`` or ``"error"``.
     """
     flows = (
-        _Flow(client, upstream, to_upstream, chunk_size),
-        _Flow(upstream, client, to_client, chunk_size),
+        Flow(client, upstream, to_upstream, chunk_size),
+        Flow(upstream, client, to_client, chunk_size),
     )
     started = last = time.monotonic()
     end_of_life = started + max_lifetime if max_lifetime else None
@@ -77,7 +77,7 @@ def splice(
     return flows[0].moved, flows[1].moved, ended
 
 
-class _Flow:
+class Flow:
     """One direction of a tunnel: read from *src*, write to *dst*, one chunk in hand."""
 
     __slots__ = ("src", "dst", "pending", "moved", "eof", "done", "wait", "chunk_size")

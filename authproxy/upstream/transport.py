@@ -18,6 +18,7 @@ import fcntl
 import os
 import re
 import socket
+import ssl
 import struct
 from collections import deque
 from collections.abc import Callable, Iterable, Iterator
@@ -217,6 +218,14 @@ class Response:
     def sock(self) -> socket.socket:
         return self._sock
 
+    def fileno(self) -> int:
+        return self._sock.fileno()
+
+    @property
+    def read_timeout(self) -> float | None:
+        """Seconds the upstream may stay silent mid-body."""
+        return self._timeout
+
     @property
     def connection(self) -> Any:
         return self._conn
@@ -306,6 +315,55 @@ class Response:
                     continue
                 self.close()
                 raise UpstreamProtocolError("upstream closed the connection mid-body")
+
+    # -- without waiting (a server's event loop) -----------------------------------
+
+    def read_nowait(self) -> bytes | None:
+        """The body bytes that can be had without waiting: ``b""`` if none have
+        come yet, None once the body has ended (the connection is then released).
+
+        For a server that relays the body from its event loop (it waits for
+        :attr:`sock` to turn readable between calls) instead of holding a thread
+        in :meth:`__iter__`. Framing is removed as in iteration; a truncated or
+        malformed body raises an upstream error and drops the connection. Call
+        it until it returns ``b""`` before waiting again: a TLS socket may hold
+        decrypted bytes that readiness does not show.
+        """
+        while True:
+            if self._pending:
+                return self.take()
+            if self._complete:
+                self.release()
+                return None
+            size = self._recv_size
+            if self.length is not None:
+                size = min(size, self.length - self._received)
+            try:
+                if type(self._sock) is _PLAIN_SOCKET:
+                    data = self._sock.recv(size, socket.MSG_DONTWAIT)
+                else:
+                    self._sock.setblocking(False)  # the pool sets its timeout again on reuse
+                    data = self._sock.recv(size)
+            except (BlockingIOError, InterruptedError, ssl.SSLWantReadError, ssl.SSLWantWriteError):
+                return b""
+            except OSError as exc:
+                self.close()
+                raise _body_error(exc) from exc
+            if not data:
+                if self._close_delimited:
+                    self._complete = True
+                    continue
+                self.close()
+                raise UpstreamProtocolError("upstream closed the connection mid-body")
+            if self.length is not None:
+                self._received += len(data)
+                self._complete = self._received >= self.length
+                return data
+            try:
+                self._parse(data)
+            except httptools.HttpParserError as exc:
+                self.close()
+                raise UpstreamProtocolError(f"malformed body from upstream: {exc}") from exc
 
     # -- socket to socket --------------------------------------------------------
 

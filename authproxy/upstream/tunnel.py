@@ -32,10 +32,11 @@ from __future__ import annotations
 import logging
 import socket
 import time
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator, Mapping
 from typing import TYPE_CHECKING, Any
 
 from ..context import (
+    IDENTITY,
     TUNNEL_BYTES_IN,
     TUNNEL_BYTES_OUT,
     TUNNEL_END,
@@ -54,6 +55,10 @@ if TYPE_CHECKING:
     from _typeshed.wsgi import StartResponse, WSGIEnvironment
 
 log = logging.getLogger("authproxy.tunnel")
+
+#: Seconds a tunnel outlives the token that opened it: a page that is open
+#: when the token expires reconnects (and is sent to log in again) soon after.
+TOKEN_GRACE = 5.0
 
 #: Relays a non-101 answer as an ordinary response: (method, response, start_response, environ).
 Relay = Callable[[str, Response, "StartResponse", "WSGIEnvironment"], Iterable[bytes]]
@@ -84,7 +89,7 @@ class Tunnel:
         transport: Transport,
         *,
         idle_timeout: float | None = 3600.0,
-        max_lifetime: float | None = None,
+        max_lifetime: float | None = 12 * 3600.0,
         chunk_size: int = 64 * 1024,
     ) -> None:
         self.transport = transport
@@ -104,8 +109,10 @@ class Tunnel:
         relay: Relay,
         *,
         extra: Iterable[tuple[str, str]] = (),
+        upgrade: str | None = None,
     ) -> Iterable[bytes]:
-        upgrade: str = environ[UPGRADE_KEY]
+        if upgrade is None:
+            upgrade = environ[UPGRADE_KEY]
         if not (upgrade.isascii() and upgrade.isprintable() and upgrade.strip()):
             return _refuse(environ, start_response, 400, "Upgrade header not printable ASCII")
         client = client_socket(environ)
@@ -158,37 +165,117 @@ class Tunnel:
         conn: Any,
         response: Response,
         chosen: str,
-    ) -> list[bytes]:
-        upstream: socket.socket = conn.sock
+    ) -> TunnelBody:
         head, relayed = _head(response, chosen)
         # Tells the steps around us (access log) the status; the server itself
-        # writes nothing: we shut the socket down before it would.
+        # writes nothing of its own on this connection again.
         start_response("101 Switching Protocols", relayed)
+        deadline = None
+        if self.max_lifetime:
+            deadline = time.monotonic() + self.max_lifetime
+        expires = _token_expiry(environ)
+        if expires is not None:
+            # The tunnel acts on the token's authority: it ends when the token does.
+            left = expires + TOKEN_GRACE - time.time()
+            deadline = (
+                min(deadline, time.monotonic() + left) if deadline else time.monotonic() + left
+            )
+        return TunnelBody(
+            environ,
+            client,
+            conn,
+            head + response.upgraded,
+            idle_timeout=self.idle_timeout,
+            deadline=deadline,
+            chunk_size=self.chunk_size,
+            protocol=chosen,
+        )
+
+
+class TunnelBody:
+    """The body of a ``101``: the tunnel, relayed by the server or by iteration.
+
+    A server with an event loop takes :attr:`tunnel` (this object) and relays
+    the bytes itself, a socket rather than a thread for the tunnel's life: it
+    sends :attr:`to_client` first, then bytes both ways between its client
+    socket and :attr:`upstream` until both sides close, :attr:`idle_timeout`
+    passes without a byte, or :attr:`deadline` (``time.monotonic()``) comes,
+    then calls :meth:`finish` and ``close()``. Any other server iterates the
+    body, and the relay runs in the iterating thread
+    (:func:`~authproxy.upstream.relay.splice`); the client socket is then shut
+    down, so the server cannot write a response of its own on it.
+    """
+
+    def __init__(
+        self,
+        environ: WSGIEnvironment,
+        client: socket.socket,
+        conn: Any,
+        to_client: bytes,
+        *,
+        idle_timeout: float | None,
+        deadline: float | None,
+        chunk_size: int,
+        protocol: str,
+    ) -> None:
+        self._environ = environ
+        self._client = client
+        self._conn = conn
+        self.upstream: socket.socket = conn.sock
+        self.to_client = to_client
+        self.idle_timeout = idle_timeout
+        self.deadline = deadline
+        self.chunk_size = chunk_size
+        self.protocol = protocol
+
+    @property
+    def tunnel(self) -> TunnelBody:
+        return self
+
+    def __iter__(self) -> Iterator[bytes]:
         sent_up = sent_down = 0
         ended = "reset"
         try:
-            to_client = response.upgraded
-            to_upstream = pipelined(environ)
-            client.sendall(head)
+            self._client.sendall(self.to_client)
+            now = time.monotonic()
             sent_up, sent_down, ended = splice(
-                client,
-                upstream,
-                to_upstream=to_upstream,
-                to_client=to_client,
+                self._client,
+                self.upstream,
+                to_upstream=pipelined(self._environ),
                 idle_timeout=self.idle_timeout,
-                max_lifetime=self.max_lifetime,
+                max_lifetime=None if self.deadline is None else max(0.001, self.deadline - now),
                 chunk_size=self.chunk_size,
             )
         except OSError as exc:
             ended = "reset" if isinstance(exc, ConnectionError) else "error"
         finally:
-            conn.close()
-            _hang_up(client)
-            environ[TUNNEL_BYTES_IN] = sent_up
-            environ[TUNNEL_BYTES_OUT] = sent_down
-            environ[TUNNEL_END] = ended
-        log.debug("tunnel %s ended (%s): %d bytes in, %d out", chosen, ended, sent_up, sent_down)
-        return []
+            self.finish(sent_up, sent_down, ended)
+            self._conn.close()
+            _hang_up(self._client)
+        return iter(())
+
+    def finish(self, sent_up: int, sent_down: int, ended: str) -> None:
+        """Record the tunnel's bytes each way and why it ended, for the access log."""
+        environ = self._environ
+        environ[TUNNEL_BYTES_IN] = sent_up
+        environ[TUNNEL_BYTES_OUT] = sent_down
+        environ[TUNNEL_END] = ended
+        log.debug(
+            "tunnel %s ended (%s): %d bytes in, %d out", self.protocol, ended, sent_up, sent_down
+        )
+
+    def close(self) -> None:
+        self._conn.close()
+        if TUNNEL_END not in self._environ:  # never relayed: the server gave up first
+            self.finish(0, 0, "error")
+
+
+def _token_expiry(environ: WSGIEnvironment) -> float | None:
+    """When the verified token that let this request through expires (epoch seconds)."""
+    identity = environ.get(IDENTITY)
+    claims = getattr(identity, "claims", None)
+    exp = claims.get("exp") if isinstance(claims, Mapping) else None
+    return float(exp) if isinstance(exp, (int, float)) and not isinstance(exp, bool) else None
 
 
 def _accepts(chosen: str, requested: str) -> bool:
