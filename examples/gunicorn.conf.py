@@ -22,19 +22,17 @@ from authproxy.serve.logs import logconfig_dict
 # cloudflared in the same pod reaches us on localhost; the kubelet probes the pod IP.
 bind = [os.environ.get("AUTHPROXY_LISTEN", "0.0.0.0:8000")]
 
-# gthread: each worker serves `threads` requests at once; an idle keep-alive
-# connection waits in the worker's poller, not in a thread. A long-lived
-# response (watch, log follow, SSE, a WebSocket) holds one thread until it ends,
-# so workers x threads is the number of concurrent streams. For hundreds of
-# them use worker_class = "gevent" (pip install gevent): one worker then holds
-# them all and `threads` is ignored. authproxy's ThreadWorker is gunicorn's
-# gthread worker with less work per request (what `authproxy serve` runs for
-# "gthread"; docs/deploy.md lists what it changes); plain "gthread" works too.
-worker_class = "authproxy.serve.gthread.ThreadWorker"
+# authproxy's worker: an event loop holds idle keep-alive connections, slow
+# clients, streamed responses (watch, log follow, SSE) and WebSockets, a socket
+# each; `threads` is the number of requests being answered at once. It reads
+# a request head within 10 s and lets a body stall 60 s (authproxy serve takes
+# both from [server] header_timeout and body_timeout). Plain "gthread" works
+# too, with a thread held for every stream and tunnel.
+worker_class = "authproxy.serve.worker.Worker"
 workers = 2
 threads = 16
 
-# Under gthread this is the worker heartbeat, not a request time limit: a
+# This is the worker heartbeat, not a request time limit: a
 # long response does not trip it. The upstream's own limits are
 # [upstream] connect_timeout and read_timeout in authproxy.toml.
 timeout = 30

@@ -65,7 +65,7 @@ def live() -> Iterator[LiveUpstream]:
     server.stop()
 
 
-@pytest.mark.parametrize("worker_class", ["gthread", "gevent"])
+@pytest.mark.parametrize("worker_class", ["authproxy", "gevent"])
 def test_a_browser_gets_its_websocket_and_event_stream_through_the_proxy(
     start_proxy: Callable[..., Proxy], live: LiveUpstream, browser: Any, worker_class: str
 ) -> None:

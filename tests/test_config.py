@@ -32,7 +32,10 @@ def test_defaults_match_the_design() -> None:
     config = from_mapping({"upstream": UP})
     assert config.server.listen == "0.0.0.0:8000"
     assert (config.server.workers, config.server.threads) == (2, 16)
-    assert config.server.worker_class == "gthread"
+    assert config.server.worker_class == "authproxy"
+    assert (config.server.header_timeout, config.server.body_timeout) == (10.0, 60.0)
+    assert config.upstream.upgrades == ("websocket",)
+    assert config.upstream.websocket_max_lifetime == 12 * 3600.0
     up = config.upstream
     assert (up.tls_verify, up.connect_timeout, up.read_timeout) == (True, 5.0, 60.0)
     assert (up.preserve_host, up.strip_impersonation) == (False, True)

@@ -401,7 +401,7 @@ def handshake(proxy: Proxy, path: str, **headers: str) -> bytes:
     return head
 
 
-@pytest.mark.parametrize("worker_class", ["gthread", "gevent"])
+@pytest.mark.parametrize("worker_class", ["authproxy", "gevent"])
 def test_a_cross_site_websocket_upgrade_is_refused(
     start_proxy: Callable[..., Proxy], live: LiveUpstream, worker_class: str
 ) -> None:

@@ -173,7 +173,7 @@ GUNICORN_CONF = ROOT / "examples" / "gunicorn.conf.py"
 
 def test_gunicorn_example_settings_fit_behind_cloudflared() -> None:
     conf = runpy.run_path(str(GUNICORN_CONF))
-    assert conf["worker_class"] == "authproxy.serve.gthread.ThreadWorker" and conf["threads"] >= 2
+    assert conf["worker_class"] == "authproxy.serve.worker.Worker" and conf["threads"] >= 2
     assert conf["keepalive"] > 90, "cloudflared keeps idle origin connections for 90 s"
     assert conf["header_map"] in ("drop", "refuse")
     assert "*" not in conf["forwarded_allow_ips"]

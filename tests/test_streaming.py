@@ -16,7 +16,7 @@ import pytest
 from .live_support import PATIENCE, LiveUpstream, access_line, live_config, make_tls
 from .support import TOKEN, Proxy
 
-WORKERS = ["gthread", "gevent"]
+WORKERS = ["authproxy", "gthread", "gevent"]
 
 #: (Content-Type, extra query) of responses that must be relayed as they come.
 STREAMS = {

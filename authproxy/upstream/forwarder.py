@@ -66,6 +66,7 @@ _GENERIC_BODY = {
     "502 Bad Gateway": b"Bad Gateway\n",
     "504 Gateway Timeout": b"Gateway Timeout\n",
     "400 Bad Request": b"Bad Request\n",
+    "408 Request Timeout": b"Request Timeout\n",
     "411 Length Required": b"Length Required\n",
     "501 Not Implemented": b"Not Implemented\n",
     "500 Internal Server Error": b"Internal Server Error\n",
@@ -312,9 +313,12 @@ class Forwarder:
         started = time.perf_counter()
         try:
             response = self._send(method, target, self._headers(environ), body, chunked, extra)
-        except _ClientBodyError:
+        except _ClientBodyError as exc:
             # The client's fault (malformed chunks, a body shorter than its
-            # length): the upstream got no complete request and did nothing wrong.
+            # length, a body that stalled): the upstream got no complete request
+            # and did nothing wrong.
+            if isinstance(exc.__cause__, TimeoutError):
+                return _error(start_response, "408 Request Timeout")
             return _error(start_response, "400 Bad Request")
         except UpstreamError as exc:
             # The path only: queries often carry tokens.

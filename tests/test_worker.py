@@ -1,0 +1,356 @@
+"""authproxy's worker (authproxy.serve.worker) through a real ``authproxy serve``.
+
+Scaled to the CI machine: one worker with two threads holds 200 tunnels, 200
+streams and 200 slow clients at once, each of which would take a thread of
+its own under gunicorn's gthread worker, while ``/healthz`` keeps answering.
+The upstream here is one thread with a selector, so the test process holds
+those connections without a thread each either.
+"""
+
+from __future__ import annotations
+
+import os
+import selectors
+import signal
+import socket
+import threading
+import time
+from collections.abc import Callable, Iterator
+from typing import Any
+
+import pytest
+import requests
+
+from .conftest import bearer_config
+from .support import Proxy, Upstream, wait_until
+
+MANY = 200
+
+
+class RawUpstream:
+    """An upstream on one thread: ``/tunnel`` switches to an echo, ``/stream`` sends a
+    chunk and holds the response open until :meth:`release`, ``/broken`` breaks
+    off mid-body, anything else answers ``ok``."""
+
+    def __init__(self) -> None:
+        self.listener = socket.create_server(("127.0.0.1", 0), backlog=1024)
+        self.listener.setblocking(False)
+        self.port = self.listener.getsockname()[1]
+        self.selector = selectors.DefaultSelector()
+        self.selector.register(self.listener, selectors.EVENT_READ)
+        self.streams: list[socket.socket] = []
+        self.lock = threading.Lock()
+        self._release = False
+        self._stop = False
+        self._conns: dict[socket.socket, dict[str, Any]] = {}
+        self.thread = threading.Thread(target=self._run, daemon=True)
+        self.thread.start()
+
+    @property
+    def url(self) -> str:
+        return f"http://127.0.0.1:{self.port}"
+
+    def release(self) -> None:
+        """End every held stream with a last chunk."""
+        self._release = True
+
+    def stop(self) -> None:
+        self._stop = True
+        self.thread.join(5)
+        for sock in list(self._conns):
+            sock.close()
+        self.listener.close()
+
+    def _run(self) -> None:
+        while not self._stop:
+            for key, _ in self.selector.select(0.05):
+                if key.fileobj is self.listener:
+                    self._accept()
+                else:
+                    self._read(key.fileobj)  # type: ignore[arg-type]
+            if self._release:
+                for sock in self.streams:
+                    try:
+                        sock.sendall(b"4\r\nlast\r\n0\r\n\r\n")
+                    except OSError:
+                        pass
+                self.streams.clear()
+
+    def _accept(self) -> None:
+        while True:
+            try:
+                sock, _ = self.listener.accept()
+            except BlockingIOError:
+                return
+            sock.setblocking(True)
+            self._conns[sock] = {"buf": b"", "mode": "http"}
+            self.selector.register(sock, selectors.EVENT_READ)
+
+    def _read(self, sock: socket.socket) -> None:
+        state = self._conns[sock]
+        try:
+            data = sock.recv(65536)
+        except OSError:
+            data = b""
+        if not data:
+            self.selector.unregister(sock)
+            del self._conns[sock]
+            sock.close()
+            return
+        if state["mode"] == "echo":
+            sock.sendall(data)
+            return
+        state["buf"] += data
+        if b"\r\n\r\n" not in state["buf"]:
+            return
+        head, _, state["buf"] = state["buf"].partition(b"\r\n\r\n")
+        path = head.split(b" ", 2)[1]
+        if path.startswith(b"/tunnel"):
+            state["mode"] = "echo"
+            sock.sendall(
+                b"HTTP/1.1 101 Switching Protocols\r\nConnection: Upgrade\r\n"
+                b"Upgrade: websocket\r\n\r\n"
+            )
+        elif path.startswith(b"/stream"):
+            sock.sendall(
+                b"HTTP/1.1 200 OK\r\nContent-Type: text/event-stream\r\n"
+                b"Transfer-Encoding: chunked\r\n\r\n5\r\nfirst\r\n"
+            )
+            self.streams.append(sock)
+        elif path.startswith(b"/broken"):
+            sock.sendall(b"HTTP/1.1 200 OK\r\nContent-Length: 1000000\r\n\r\n" + b"x" * 70000)
+            self.selector.unregister(sock)
+            del self._conns[sock]
+            sock.close()
+        else:
+            sock.sendall(b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nok")
+
+
+@pytest.fixture
+def raw_upstream() -> Iterator[RawUpstream]:
+    server = RawUpstream()
+    yield server
+    server.stop()
+
+
+def small_proxy(start_proxy: Callable[..., Proxy], url: str, **server: Any) -> Proxy:
+    config: dict[str, Any] = {
+        "upstream": {"url": url},
+        "server": {"workers": 1, "threads": 2, **server},
+        "pipeline": [{"use": "access-log", "format": "json"}],
+    }
+    return start_proxy(config)
+
+
+def healthz_ms(proxy: Proxy) -> float:
+    started = time.monotonic()
+    answer = requests.get(f"{proxy.url}/healthz", timeout=10)
+    assert answer.status_code == 200
+    return (time.monotonic() - started) * 1000
+
+
+def connect(proxy: Proxy, request: bytes) -> socket.socket:
+    sock = socket.create_connection(("127.0.0.1", proxy.port), timeout=20)
+    sock.sendall(request)
+    return sock
+
+
+def read_exactly(sock: socket.socket, until: bytes) -> bytes:
+    data = b""
+    while until not in data:
+        piece = sock.recv(65536)
+        if not piece:
+            raise AssertionError(f"closed before {until!r}: {data!r}")
+        data += piece
+    return data
+
+
+def worker_threads(proxy: Proxy) -> int:
+    (pid,) = proxy.worker_pids()
+    return len(os.listdir(f"/proc/{pid}/task"))
+
+
+def test_tunnels_cost_a_socket_not_a_thread(
+    start_proxy: Callable[..., Proxy], raw_upstream: RawUpstream
+) -> None:
+    proxy = small_proxy(start_proxy, raw_upstream.url)
+    upgrade = (
+        b"GET /tunnel HTTP/1.1\r\nHost: p\r\nConnection: Upgrade\r\nUpgrade: websocket\r\n"
+        b"Sec-WebSocket-Version: 13\r\nSec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\n\r\n"
+    )
+    socks = [connect(proxy, upgrade) for _ in range(MANY)]
+    try:
+        for sock in socks:
+            assert read_exactly(sock, b"\r\n\r\n").startswith(b"HTTP/1.1 101 ")
+        for n, sock in enumerate(socks):
+            sock.sendall(b"ping %d;" % n)
+        for n, sock in enumerate(socks):
+            assert read_exactly(sock, b";") == b"ping %d;" % n
+        assert healthz_ms(proxy) < 1000
+        assert worker_threads(proxy) < 10
+    finally:
+        for sock in socks:
+            sock.close()
+    lines = wait_until(
+        lambda: [x for x in proxy.access_lines() if x.get("path") == "/tunnel"][MANY - 1 :],
+        what="every tunnel's access line",
+    )
+    assert lines[0]["status"] == 101
+
+
+def test_streams_cost_a_socket_not_a_thread(
+    start_proxy: Callable[..., Proxy], raw_upstream: RawUpstream
+) -> None:
+    proxy = small_proxy(start_proxy, raw_upstream.url)
+    socks = [connect(proxy, b"GET /stream HTTP/1.1\r\nHost: p\r\n\r\n") for _ in range(MANY)]
+    try:
+        for sock in socks:
+            assert b"first" in read_exactly(sock, b"first\r\n")
+        assert healthz_ms(proxy) < 1000
+        assert worker_threads(proxy) < 10
+        raw_upstream.release()
+        for sock in socks:
+            assert read_exactly(sock, b"0\r\n\r\n").endswith(b"4\r\nlast\r\n0\r\n\r\n")
+        # Kept alive after the stream: the next request on each connection is answered.
+        for sock in socks[:10]:
+            sock.sendall(b"GET /plain HTTP/1.1\r\nHost: p\r\n\r\n")
+            assert read_exactly(sock, b"ok").startswith(b"HTTP/1.1 200 ")
+    finally:
+        for sock in socks:
+            sock.close()
+    lines = wait_until(
+        lambda: [x for x in proxy.access_lines() if x.get("path") == "/stream"][MANY - 1 :],
+        what="every stream's access line",
+    )
+    assert lines[0]["bytes"] == len("first") + len("last")
+
+
+def test_a_client_leaving_a_quiet_stream_ends_it(
+    start_proxy: Callable[..., Proxy], raw_upstream: RawUpstream
+) -> None:
+    proxy = small_proxy(start_proxy, raw_upstream.url)
+    sock = connect(proxy, b"GET /stream HTTP/1.1\r\nHost: p\r\n\r\n")
+    read_exactly(sock, b"first\r\n")
+    sock.close()
+    line = wait_until(
+        lambda: [x for x in proxy.access_lines() if x.get("path") == "/stream"],
+        what="the stream's access line",
+    )[0]
+    assert line["aborted"] == "ClientGone"
+
+
+def test_slow_clients_cost_a_socket_and_get_408(
+    start_proxy: Callable[..., Proxy], raw_upstream: RawUpstream
+) -> None:
+    proxy = small_proxy(start_proxy, raw_upstream.url, header_timeout=2.0)
+    socks = [connect(proxy, b"GET /plain HTTP/1.1\r\nHo") for _ in range(MANY)]
+    try:
+        assert healthz_ms(proxy) < 1000
+        answer = requests.get(f"{proxy.url}/plain", timeout=10)
+        assert answer.text == "ok"
+        started = time.monotonic()
+        for sock in socks:
+            assert read_exactly(sock, b"\r\n").startswith(b"HTTP/1.1 408 ")
+        assert time.monotonic() - started < 10
+    finally:
+        for sock in socks:
+            sock.close()
+
+
+def test_a_stalled_body_gets_408(
+    start_proxy: Callable[..., Proxy], raw_upstream: RawUpstream
+) -> None:
+    proxy = small_proxy(start_proxy, raw_upstream.url, body_timeout=1.0)
+    started = time.monotonic()
+    for length in (100, 1_000_000):  # buffered by the loop; read by a thread
+        sock = connect(
+            proxy, b"POST /plain HTTP/1.1\r\nHost: p\r\nContent-Length: %d\r\n\r\nabc" % length
+        )
+        with sock:
+            assert read_exactly(sock, b"\r\n").startswith(b"HTTP/1.1 408 ")
+    assert time.monotonic() - started < 10
+    assert healthz_ms(proxy) < 1000
+
+
+def test_bodies_that_break_off_do_not_disturb_other_connections(
+    start_proxy: Callable[..., Proxy], raw_upstream: RawUpstream
+) -> None:
+    """A mid-body upstream failure closes its client connection, once, from the
+    loop: descriptors are never closed under a connection that reused the number."""
+    proxy = small_proxy(start_proxy, raw_upstream.url, threads=4)
+    stop = threading.Event()
+    failures: list[BaseException] = []
+
+    def break_bodies() -> None:
+        while not stop.is_set():
+            try:
+                sock = connect(proxy, b"GET /broken HTTP/1.1\r\nHost: p\r\n\r\n")
+                with sock:
+                    while sock.recv(65536):
+                        pass
+            except OSError:
+                pass
+
+    breakers = [threading.Thread(target=break_bodies) for _ in range(3)]
+    for thread in breakers:
+        thread.start()
+    try:
+        with requests.Session() as session:
+            for _ in range(300):
+                try:
+                    assert session.get(f"{proxy.url}/healthz", timeout=5).status_code == 200
+                except requests.RequestException as exc:
+                    failures.append(exc)
+    finally:
+        stop.set()
+        for thread in breakers:
+            thread.join()
+    assert failures == []
+    assert "Bad file descriptor" not in proxy.logs()
+
+
+def test_graceful_stop_finishes_requests_and_ends_tunnels(
+    start_proxy: Callable[..., Proxy], upstream: Upstream, raw_upstream: RawUpstream
+) -> None:
+    config = bearer_config(upstream)
+    config["server"] = {"workers": 1, "threads": 2, "graceful_timeout": 3.0}
+    proxy = start_proxy(config)
+    slow: dict[str, Any] = {}
+
+    def slow_request() -> None:
+        slow["answer"] = requests.get(f"{proxy.url}/sleep/1.5", timeout=20)
+
+    thread = threading.Thread(target=slow_request)
+    thread.start()
+    wait_until(lambda: upstream.seen, what="the slow request upstream")
+    started = time.monotonic()
+    proxy.process.send_signal(signal.SIGTERM)
+    thread.join(20)
+    assert slow["answer"].status_code == 200
+    assert proxy.process.wait(20) == 0
+    assert time.monotonic() - started < 10
+
+
+def test_without_epoll_the_worker_still_serves(
+    start_proxy: Callable[..., Proxy], raw_upstream: RawUpstream, tmp_path: Any
+) -> None:
+    """macOS and the BSDs have no epoll: the selectors module picks another."""
+    (tmp_path / "sitecustomize.py").write_text(
+        "import select, selectors\n"
+        "del select.epoll\n"
+        "selectors.DefaultSelector = selectors.PollSelector\n"
+    )
+    config: dict[str, Any] = {"upstream": {"url": raw_upstream.url}}
+    config["server"] = {"workers": 1, "threads": 2}
+    proxy = start_proxy(config, env={"PYTHONPATH": str(tmp_path)})
+    with requests.Session() as session:
+        for n in range(3):
+            assert session.get(f"{proxy.url}/plain?{n}", timeout=10).text == "ok"
+    (pid,) = proxy.worker_pids()
+    fds = []
+    for fd in os.listdir(f"/proc/{pid}/fd"):
+        try:
+            fds.append(os.readlink(f"/proc/{pid}/fd/{fd}"))
+        except FileNotFoundError:
+            pass
+    assert "anon_inode:[eventpoll]" not in fds
