@@ -53,6 +53,7 @@ def ws(proxy: Proxy, path: str, **kwargs: Any) -> ClientConnection:
 #: The test upstream's own upgrade protocols (see live_support), relayed only when listed.
 TEST_PROTOCOLS = ["websocket", "x-count", "x-early", "x-wanted"]
 
+
 def upgrade_request(path: str, protocol: str, host: str = "proxy") -> bytes:
     return (
         f"GET {path} HTTP/1.1\r\nHost: {host}\r\nConnection: Upgrade\r\nUpgrade: {protocol}\r\n\r\n"
