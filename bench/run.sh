@@ -11,12 +11,15 @@
 #
 # Configurations: forwarder (a), pipeline (b: access log + identity verifying
 # a token + bearer injection), refusing (c: the same, requests without a token
-# get 401), noidentity (d: the full pipeline minus identity).
+# get 401), noidentity (d: the full pipeline minus identity); and, when asked
+# for with --only, baseline (b with the authproxy installed in BASELINE_VENV,
+# e.g. an earlier commit, measured in the same rounds) and gevent (b under
+# worker_class = "gevent").
 # Knobs (environment): ROUNDS (3: every configuration that many times, in
 # turn; the tables show medians), PEER_RUNS (1: runs of the peers' harness,
 # medians of their ratios), DURATION (10s), SMALL_CONNS (32), M1_CONNS (8),
 # WRK_THREADS (2), WARMUP (2s), BIG_REPEAT (1), WORKERS (2), THREADS (8),
-# WORKER_CLASS (gthread), KEEPALIVE (75), LOG_LEVEL (info), VENV, BENCH_VAR
+# WORKER_CLASS (authproxy's default), BASELINE_VENV, KEEPALIVE (75), LOG_LEVEL (info), VENV, BENCH_VAR
 # (/var/tmp/authproxy-bench), UPSTREAM_ADDR (127.0.0.1:18090), PROXY_ADDR
 # (127.0.0.1:18091), WAIT_IDLE (0), PEERS_HARNESS, PEERS, PEERS_VENV, SWEEP,
 # SWEEP_KINDS.
@@ -47,7 +50,7 @@ WAIT_IDLE=${WAIT_IDLE:-0}      # seconds to wait for the machine to be at most I
 IDLE_PCT=${IDLE_PCT:-10}       #   before each configuration (also passed to the peers' harness)
 WORKERS=${WORKERS:-2}
 THREADS=${THREADS:-8}
-WORKER_CLASS=${WORKER_CLASS:-gthread}
+WORKER_CLASS=${WORKER_CLASS:-}  # empty: the installed authproxy's default
 KEEPALIVE=${KEEPALIVE:-75}
 LOG_LEVEL=${LOG_LEVEL:-info}
 BENCH_VAR=${BENCH_VAR:-/var/tmp/authproxy-bench}
@@ -82,7 +85,10 @@ done
 CONFIGS=${only//,/ }
 CONFIGS=${CONFIGS:-forwarder pipeline noidentity refusing}
 for c in $CONFIGS; do
-    case $c in forwarder|pipeline|refusing|noidentity) ;; *) die "unknown configuration: $c" ;; esac
+    case $c in forwarder|pipeline|refusing|noidentity|gevent) ;;
+        baseline) [ -x "${BASELINE_VENV:-}/bin/authproxy" ] || die "baseline needs BASELINE_VENV" ;;
+        *) die "unknown configuration: $c" ;;
+    esac
 done
 for n in "$ROUNDS" "$PEER_RUNS"; do
     [[ $n =~ ^[1-9][0-9]*$ ]] || die "ROUNDS and PEER_RUNS take a whole number from 1, got $n"
@@ -173,7 +179,7 @@ start_proxy() {  # name config-file
         return 1
     fi
     set -m  # own process group, so that all of it can be found and stopped
-    "$VENV/bin/authproxy" serve --config "$conf" > "$OUT/logs/$name.log" 2>&1 < /dev/null &
+    "${RUN_VENV:-$VENV}/bin/authproxy" serve --config "$conf" > "$OUT/logs/$name.log" 2>&1 < /dev/null &
     proxy_pid=$!
     set +m
     while (( SECONDS - t0 < READY_TIMEOUT )); do
@@ -455,6 +461,8 @@ run_configs() {
         fi
         case $c in
             refusing) run_config refusing refusing small ;;
+            baseline) RUN_VENV=$BASELINE_VENV run_config baseline pipeline small 1m big ;;
+            gevent) AP_WORKER_CLASS=gevent run_config gevent pipeline small 1m big ;;
             *) run_config "$c" "$c" small 1m big ;;
         esac
     done
@@ -464,7 +472,7 @@ run_sweep() {
     local spec class w t kind
     for kind in $SWEEP_KINDS; do
         for spec in $SWEEP; do
-            class=gthread
+            class=authproxy
             if [[ $spec == *:* ]]; then class=${spec%%:*}; spec=${spec#*:}; fi
             w=${spec%x*} t=${spec#*x}
             [[ $w =~ ^[0-9]+$ && $t =~ ^[0-9]+$ ]] || die "SWEEP: expected [CLASS:]WORKERSxTHREADS, got $spec"

@@ -30,7 +30,7 @@ write_config() {
         echo "listen = \"$listen\""
         echo "workers = ${AP_WORKERS:-2}"
         echo "threads = ${AP_THREADS:-8}"
-        echo "worker_class = \"${AP_WORKER_CLASS:-gthread}\""
+        [ -n "${AP_WORKER_CLASS:-}" ] && echo "worker_class = \"$AP_WORKER_CLASS\""
         echo "keepalive = ${AP_KEEPALIVE:-75}"
         echo "reuse_port = ${AP_REUSE_PORT:-true}"
         echo "graceful_timeout = 5"

@@ -36,6 +36,8 @@ LABELS = {
     "pipeline": "(b) full pipeline, identity verifying",
     "refusing": "(c) full pipeline, identity refusing",
     "noidentity": "(d) full pipeline without identity",
+    "baseline": "(b) at BASELINE_VENV's commit",
+    "gevent": "(b) under the gevent worker",
 }
 
 
