@@ -351,3 +351,47 @@ def test_check_config_says_what_the_upstream_connection_is(
     assert code == 0
     [line] = [x for x in out.splitlines() if x.startswith("upstream:")]
     assert f"({said};" in line, line
+
+
+def test_the_go_listen_address_port_alone_takes_ipv6_and_ipv4(
+    upstream: Any, tmp_path: Path
+) -> None:
+    import os
+    import signal
+    import socket
+
+    import requests
+
+    from authproxy.config import _dual_stack
+
+    from .support import wait_for_port
+
+    if not (socket.has_ipv6 and _dual_stack()):
+        pytest.skip("this machine has no dual-stack IPv6")
+    port = free_port()
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("AUTHPROXY", "DASHBOARD_"))}
+    env.update(DASHBOARD_PROXY_URL=upstream.url, DASHBOARD_TOKEN=TOKEN, LISTEN_ADDRESS=f":{port}")
+    log = tmp_path / "serve.log"
+    with open(log, "wb") as out:
+        process = subprocess.Popen(
+            [sys.executable, "-m", "authproxy.cli", "serve"],
+            env=env,
+            cwd=tmp_path,
+            stdout=out,
+            stderr=subprocess.STDOUT,
+        )
+        try:
+            wait_for_port(port, timeout=30)
+            for host in ("127.0.0.1", "[::1]"):
+                r = requests.get(f"http://{host}:{port}/x", timeout=30)
+                assert r.status_code == 200, host
+                assert upstream.last().header("Authorization") == f"Bearer {TOKEN}"
+        finally:
+            process.send_signal(signal.SIGTERM)
+            process.wait(timeout=60)
+    text = log.read_text(errors="replace")
+    assert f"Listening at: http://[::]:{port}" in text, text
+    assert (
+        "configuration: environment (DASHBOARD_PROXY_URL, DASHBOARD_TOKEN, LISTEN_ADDRESS)" in text
+    )
+    assert TOKEN not in text

@@ -528,3 +528,17 @@ def test_the_gevent_worker_starts_from_a_fresh_venv_with_only_the_gevent_extra(
     text = log.read_text(errors="replace")
     assert rc == 0, text
     assert "Using worker: gevent" in text and "Traceback" not in text, text
+
+
+def test_one_image_name_everywhere() -> None:
+    """README, Dockerfile, docs and manifests name the same image, and docs/deploy.md,
+    "The image", says how to build and push it."""
+    pattern = re.compile(r"[\w.<>/-]*/authproxy:[\w.<>-]+|(?<=-t )authproxy\b")
+    files = [ROOT / "README.md", DOCKERFILE, *sorted((ROOT / "docs").glob("*.md"))]
+    files += sorted((ROOT / "examples").rglob("*.yaml"))
+    names = {m for path in files for m in pattern.findall(path.read_text())}
+    assert names == {"registry.example.com/authproxy:0.1.0"}, names
+    deploy = (ROOT / "docs" / "deploy.md").read_text()
+    section = deploy.split("## The image", 1)[1].split("\n## ", 1)[0]
+    assert "docker build -t registry.example.com/authproxy:0.1.0 ." in section
+    assert "docker push registry.example.com/authproxy:0.1.0" in section
