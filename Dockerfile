@@ -1,7 +1,10 @@
 # authproxy container image.
 #
-#   docker build -t authproxy .
-#   docker run --rm -p 8000:8000 -v "$PWD/authproxy.toml:/etc/authproxy/authproxy.toml:ro" authproxy
+#   docker build -t registry.example.com/authproxy:0.1.0 .
+#   docker run --rm -p 8000:8000 \
+#     -v "$PWD/authproxy.toml:/etc/authproxy/authproxy.toml:ro" registry.example.com/authproxy:0.1.0
+#
+# Building and pushing it for a cluster: docs/deploy.md, "The image".
 #
 # Two stages: "build" installs the pinned dependencies (requirements.lock, every
 # file checked against its hash, wheels only) and authproxy itself into a

@@ -12,7 +12,7 @@ import requests
 from werkzeug.test import Client
 
 from authproxy import AccessLog, RequestId
-from authproxy.context import IDENTITY, REFUSAL, REQUEST_ID, UPSTREAM_MS, VerifiedIdentity
+from authproxy.context import IDENTITY, REFUSAL, REQUEST_ID, UPSTREAM_MS, VerifiedIdentity, refuse
 from authproxy.errors import ConfigError
 from authproxy.middleware.access_log import client_address, parse_networks
 
@@ -92,6 +92,17 @@ def test_combined_format(caplog: pytest.LogCaptureFixture) -> None:
         r'200 11 "-" "ua/2" [\d.]+',
         line,
     ), line
+
+
+def test_combined_format_ends_with_the_refusal_reason(caplog: pytest.LogCaptureFixture) -> None:
+    def refusing(environ: dict[str, Any], start_response: Any) -> Any:
+        return refuse(environ, start_response, 403, "not allowed by policy: eve@\u2028evil.com")
+
+    client(AccessLog(refusing, format="combined")).get("/c")
+    (line,) = access_lines(caplog)
+    assert " 403 " in line
+    # JSON string escapes: no raw line separator reaches the log.
+    assert line.endswith(' refusal="not allowed by policy: eve@\\u2028evil.com"'), line
 
 
 def test_unknown_format_is_a_config_error() -> None:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -214,3 +215,183 @@ def test_check_config_console_script_exit_status(tmp_path: Path) -> None:
     path.write_text('[upstream]\nurl = "http://127.0.0.1:9"\n')
     good = subprocess.run(cmd, capture_output=True, text=True, timeout=60)
     assert good.returncode == 0 and good.stdout.endswith("ok\n")
+
+
+# -- what a newcomer runs first ----------------------------------------------------------------
+
+
+def _cli(*args: str, env: dict[str, str] | None = None, **kwargs: Any) -> Any:
+    import os
+
+    base = {k: v for k, v in os.environ.items() if not k.startswith(("AUTHPROXY", "DASHBOARD_"))}
+    return subprocess.run(
+        [sys.executable, "-m", "authproxy.cli", *args],
+        env={**base, **(env or {})},
+        capture_output=True,
+        text=True,
+        timeout=60,
+        **kwargs,
+    )
+
+
+@pytest.mark.parametrize("token", [None, ""], ids=["unset", "empty"])
+def test_serve_without_the_go_token_exits_naming_it(token: str | None) -> None:
+    port = free_port()
+    env = {"DASHBOARD_PROXY_URL": "http://127.0.0.1:9", "LISTEN_ADDRESS": f"127.0.0.1:{port}"}
+    if token is not None:
+        env["DASHBOARD_TOKEN"] = token
+    result = _cli("serve", env=env)
+    assert result.returncode == 2
+    assert "configuration error: DASHBOARD_TOKEN" in result.stderr, result.stderr
+    assert "Traceback" not in result.stderr and "Listening" not in result.stderr
+
+
+@pytest.mark.parametrize(
+    "command", ["plugins", "check-config --config authproxy.toml"], ids=["plugins", "check"]
+)
+def test_a_reader_that_leaves_early_gets_no_traceback(tmp_path: Path, command: str) -> None:
+    config_file(tmp_path, {"upstream": {"url": "http://127.0.0.1:9"}})
+    script = f"{sys.executable} -m authproxy.cli {command} 2>err.txt | head -n 1"
+    result = subprocess.run(
+        ["bash", "-c", script], cwd=tmp_path, capture_output=True, text=True, timeout=60
+    )
+    assert result.returncode == 0 and len(result.stdout.splitlines()) == 1
+    assert (tmp_path / "err.txt").read_text() == ""
+
+
+def test_plugins_shows_every_description_whole_and_required_options_as_such() -> None:
+    from authproxy import cli, plugins
+
+    result = _cli("plugins", "identity")
+    assert result.returncode == 0, result.stderr
+    out = result.stdout
+    assert "…" not in out
+    declared, _ = plugins.options(plugins.installed()["identity"][0].load())
+    by_name = {o.name: o for o in declared}
+    assert by_name["audience"].required
+    [row] = [line for line in out.splitlines() if line.split()[:1] == ["audience"]]
+    assert re.match(r"\s*audience\s+str \| list\[str\]\s+required\s", row), row
+    assert "None" not in row
+    lines = [" ".join(line.split()) for line in out.splitlines()]
+    for option in declared:
+        # Piped, each text is on its option's line, whole (for grep).
+        if option.doc:
+            doc = " ".join(cli._plain(option.doc).split())
+            assert any(doc in line for line in lines), option.name
+
+
+@pytest.mark.parametrize("width", [70, 150], ids=["below-the-options", "in-the-column"])
+def test_plugins_wraps_long_descriptions_to_the_terminal(
+    monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str], width: int
+) -> None:
+    from authproxy import cli, plugins
+
+    monkeypatch.setattr(cli, "_wrap_width", lambda: width)
+    assert main(["plugins", "identity"]) == 0
+    out = capsys.readouterr().out
+    option_lines = out.split("option ", 1)[1].splitlines()[1:]
+    wrapped = [line for line in option_lines if line.startswith(" " * 6)]
+    assert len(wrapped) > 5 and max(len(line) for line in wrapped) <= width
+    if width == 150:  # the texts fit beside the option cells: every line does
+        assert max(len(line) for line in option_lines) <= width
+    assert "…" not in out
+    declared, _ = plugins.options(plugins.installed()["identity"][0].load())
+    # Wrapped, never cut: every word of every text is there, in order.
+    text = "".join(out.split())
+    for option in declared:
+        if option.doc:
+            assert "".join(cli._plain(option.doc).split()) in text, option.name
+
+
+def test_unreachable_keys_warn_first_and_fail_check_config_strict(tmp_path: Path) -> None:
+    dead = free_port()
+    config_file(
+        tmp_path,
+        {
+            "upstream": {"url": "http://127.0.0.1:9"},
+            "pipeline": [
+                {
+                    "use": "identity",
+                    "team_domain": "myteam.cloudflareaccess.com",
+                    "audience": ["aud"],
+                    "certs_url": f"http://127.0.0.1:{dead}/certs",
+                    "keys_timeout": 1,
+                }
+            ],
+        },
+    )
+    lenient = _cli("check-config", "--config", "authproxy.toml", cwd=tmp_path)
+    assert lenient.returncode == 0
+    warning = (
+        f"WARNING: pipeline[0] (identity): no signing keys could be fetched from "
+        f"http://127.0.0.1:{dead}/certs: every request is refused"
+    )
+    assert warning in lenient.stderr.splitlines()
+    assert lenient.stdout.rstrip().endswith("ok, with 1 warning(s) above (--strict fails on them)")
+    strict = _cli("check-config", "--strict", "--config", "authproxy.toml", cwd=tmp_path)
+    assert strict.returncode == 1
+    assert warning in strict.stderr.splitlines()
+    assert not strict.stdout.rstrip().endswith("ok")
+
+
+@pytest.mark.parametrize(
+    ("url", "tls_verify", "said"),
+    [
+        ("http://127.0.0.1:9", True, "plain HTTP, no TLS"),
+        ("HTTP://127.0.0.1:9", True, "plain HTTP, no TLS"),
+        ("https://127.0.0.1:9", True, "TLS verified"),
+        ("https://127.0.0.1:9", False, "TLS NOT VERIFIED (tls_verify = false)"),
+    ],
+)
+def test_check_config_says_what_the_upstream_connection_is(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], url: str, tls_verify: bool, said: str
+) -> None:
+    path = config_file(tmp_path, {"upstream": {"url": url, "tls_verify": tls_verify}})
+    code, out, _err = check(capsys, "--config", path)
+    assert code == 0
+    [line] = [x for x in out.splitlines() if x.startswith("upstream:")]
+    assert f"({said};" in line, line
+
+
+def test_the_go_listen_address_port_alone_takes_ipv6_and_ipv4(
+    upstream: Any, tmp_path: Path
+) -> None:
+    import os
+    import signal
+    import socket
+
+    import requests
+
+    from authproxy.config import _dual_stack
+
+    from .support import wait_for_port
+
+    if not (socket.has_ipv6 and _dual_stack()):
+        pytest.skip("this machine has no dual-stack IPv6")
+    port = free_port()
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("AUTHPROXY", "DASHBOARD_"))}
+    env.update(DASHBOARD_PROXY_URL=upstream.url, DASHBOARD_TOKEN=TOKEN, LISTEN_ADDRESS=f":{port}")
+    log = tmp_path / "serve.log"
+    with open(log, "wb") as out:
+        process = subprocess.Popen(
+            [sys.executable, "-m", "authproxy.cli", "serve"],
+            env=env,
+            cwd=tmp_path,
+            stdout=out,
+            stderr=subprocess.STDOUT,
+        )
+        try:
+            wait_for_port(port, timeout=30)
+            for host in ("127.0.0.1", "[::1]"):
+                r = requests.get(f"http://{host}:{port}/x", timeout=30)
+                assert r.status_code == 200, host
+                assert upstream.last().header("Authorization") == f"Bearer {TOKEN}"
+        finally:
+            process.send_signal(signal.SIGTERM)
+            process.wait(timeout=60)
+    text = log.read_text(errors="replace")
+    assert f"Listening at: http://[::]:{port}" in text, text
+    assert (
+        "configuration: environment (DASHBOARD_PROXY_URL, DASHBOARD_TOKEN, LISTEN_ADDRESS)" in text
+    )
+    assert TOKEN not in text

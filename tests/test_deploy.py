@@ -220,6 +220,103 @@ def test_gunicorn_example_serves_and_drops_underscore_headers(
     assert sum(1 for line in text.splitlines() if line.startswith("{") and '"/x"' in line) == 1
 
 
+# --- gunicorn run directly, with the config's [server] section -------------------------
+
+
+def _test_env() -> dict[str, str]:
+    """This interpreter's environment (the code under test on PYTHONPATH), no config in it."""
+    drop = ("AUTHPROXY", "GUNICORN", "DASHBOARD_", "LISTEN_ADDRESS")
+    return {k: v for k, v in os.environ.items() if not k.startswith(drop)}
+
+
+def _children(pid: int) -> list[int]:
+    return [int(p) for p in Path(f"/proc/{pid}/task/{pid}/children").read_text().split()]
+
+
+@pytest.mark.parametrize("worker_class", ["sync", "gthread"])
+def test_plain_gunicorn_with_the_config_module_serves_as_server_says(
+    upstream: Upstream, tmp_path: Path, worker_class: str
+) -> None:
+    port = free_port()
+    config = bearer_config(upstream)
+    config["server"] = {
+        "listen": f"127.0.0.1:{port}",
+        "workers": 2,
+        "threads": 3,
+        "worker_class": worker_class,
+        "limit_request_field_size": 16384,
+    }
+    env = _test_env()
+    env["AUTHPROXY_CONFIG"] = str(write_toml(tmp_path / "authproxy.toml", config))
+    env["XDG_RUNTIME_DIR"] = str(tmp_path)
+    log = tmp_path / "gunicorn.log"
+    with open(log, "wb") as out:
+        process = subprocess.Popen(
+            [sys.executable, "-m", "gunicorn", "-c", "python:authproxy.gunicorn_conf"]
+            + ["authproxy.wsgi:application"],
+            env=env,
+            cwd=tmp_path,
+            stdout=out,
+            stderr=subprocess.STDOUT,
+        )
+        try:
+            wait_for_port(port, timeout=30)
+            deadline = time.monotonic() + 30
+            while len(_children(process.pid)) < 2 and time.monotonic() < deadline:
+                time.sleep(0.05)
+            assert len(_children(process.pid)) == 2, log.read_text(errors="replace")
+            big = requests.get(
+                f"http://127.0.0.1:{port}/x", headers={"Cookie": "a=" + "x" * 12_000}, timeout=30
+            )
+            assert big.status_code == 200, "[server] limit_request_field_size not applied"
+            assert upstream.last().header("Authorization") == f"Bearer {TOKEN}"
+        finally:
+            process.send_signal(signal.SIGTERM)
+            rc = process.wait(timeout=60)
+    text = log.read_text(errors="replace")
+    assert rc == 0, text
+    assert f"Listening at: http://127.0.0.1:{port}" in text, text
+    expected = "authproxy.serve.gthread.ThreadWorker" if worker_class == "gthread" else "sync"
+    assert f"Using worker: {expected}" in text, text
+    assert f"configuration: {env['AUTHPROXY_CONFIG']}" in text
+    assert TOKEN not in text
+
+
+def test_the_config_module_stops_gunicorn_on_a_config_error(tmp_path: Path) -> None:
+    path = tmp_path / "authproxy.toml"
+    path.write_text('[server]\nworkers = "two"\n[upstream]\nurl = "http://127.0.0.1:9"\n')
+    result = subprocess.run(
+        [sys.executable, "-m", "gunicorn", "-c", "python:authproxy.gunicorn_conf"]
+        + ["authproxy.wsgi:application"],
+        env={**_test_env(), "AUTHPROXY_CONFIG": str(path)},
+        cwd=tmp_path,
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert result.returncode != 0
+    assert "authproxy: configuration error: server.workers" in result.stderr, result.stderr
+    assert "Traceback" not in result.stderr
+
+
+@pytest.mark.parametrize(("limit", "status"), [(None, 431), (16384, 200)])
+def test_a_12_kib_cookie_needs_a_raised_header_line_limit(
+    upstream: Upstream, start_proxy: Any, limit: int | None, status: int
+) -> None:
+    config = bearer_config(upstream)
+    if limit is not None:
+        config["server"] = {"limit_request_field_size": limit}
+    proxy = start_proxy(config)
+    before = len(upstream.seen)
+    cookie = "session=" + "c" * (12 * 1024)
+    r = requests.get(proxy.url + "/x", headers={"Cookie": cookie}, timeout=30)
+    assert r.status_code == status
+    if status == 200:
+        assert upstream.last().header("Cookie") == cookie
+    else:
+        assert len(upstream.seen) == before
+
+
 # --- the image's install, replayed in a fresh virtual environment ---------------------
 
 
@@ -377,3 +474,71 @@ def test_the_gevent_extra_brings_what_gunicorns_gevent_worker_needs() -> None:
 
     extra = [r for r in importlib.metadata.requires("authproxy") or [] if 'extra == "gevent"' in r]
     assert any(r.replace(" ", "").startswith("gunicorn[gevent]") for r in extra), extra
+
+
+@pytest.mark.slow
+def test_the_gevent_worker_starts_from_a_fresh_venv_with_only_the_gevent_extra(
+    upstream: Upstream, tmp_path: Path
+) -> None:
+    """``pip install 'authproxy[gevent]'`` alone is enough for ``worker_class = "gevent"``
+    (gunicorn's gevent worker imports packaging, which gunicorn's own extra brings)."""
+    venv = tmp_path / "venv"
+    subprocess.run([sys.executable, "-m", "venv", str(venv)], check=True, timeout=120)
+    source = tmp_path / "src"  # a copy: the build leaves nothing in the worktree
+    shutil.copytree(
+        ROOT,
+        source,
+        ignore=shutil.ignore_patterns(
+            ".git", ".venv", "__pycache__", "*.egg-info", "build", "tests", "bench", "fuzz"
+        ),
+    )
+    install = subprocess.run(
+        [str(venv / "bin" / "pip"), "install", "--quiet", f"{source}[gevent]"],
+        env=clean_env(),
+        cwd=tmp_path,
+        capture_output=True,
+        text=True,
+        timeout=900,
+    )
+    assert install.returncode == 0, install.stdout + install.stderr
+    port = free_port()
+    config = bearer_config(upstream)
+    config["server"] = {"listen": f"127.0.0.1:{port}", "workers": 1, "worker_class": "gevent"}
+    path = write_toml(tmp_path / "authproxy.toml", config)
+    log = tmp_path / "serve.log"
+    with open(log, "wb") as out:
+        process = subprocess.Popen(
+            [str(venv / "bin" / "authproxy"), "serve", "--config", str(path)],
+            env=clean_env(),
+            cwd=tmp_path,
+            stdout=out,
+            stderr=subprocess.STDOUT,
+        )
+        try:
+            try:
+                wait_for_port(port, timeout=60)
+            except TimeoutError:
+                pytest.fail(f"authproxy serve did not start:\n{log.read_text(errors='replace')}")
+            r = requests.get(f"http://127.0.0.1:{port}/x", timeout=30)
+            assert (r.status_code, r.text) == (200, "ok"), log.read_text(errors="replace")
+            assert upstream.last().header("Authorization") == f"Bearer {TOKEN}"
+        finally:
+            process.send_signal(signal.SIGTERM)
+            rc = process.wait(timeout=60)
+    text = log.read_text(errors="replace")
+    assert rc == 0, text
+    assert "Using worker: gevent" in text and "Traceback" not in text, text
+
+
+def test_one_image_name_everywhere() -> None:
+    """README, Dockerfile, docs and manifests name the same image, and docs/deploy.md,
+    "The image", says how to build and push it."""
+    pattern = re.compile(r"[\w.<>/-]*/authproxy:[\w.<>-]+|(?<=-t )authproxy\b")
+    files = [ROOT / "README.md", DOCKERFILE, *sorted((ROOT / "docs").glob("*.md"))]
+    files += sorted((ROOT / "examples").rglob("*.yaml"))
+    names = {m for path in files for m in pattern.findall(path.read_text())}
+    assert names == {"registry.example.com/authproxy:0.1.0"}, names
+    deploy = (ROOT / "docs" / "deploy.md").read_text()
+    section = deploy.split("## The image", 1)[1].split("\n## ", 1)[0]
+    assert "docker build -t registry.example.com/authproxy:0.1.0 ." in section
+    assert "docker push registry.example.com/authproxy:0.1.0" in section

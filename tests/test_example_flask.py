@@ -3,6 +3,9 @@
 from __future__ import annotations
 
 import importlib.util
+import os
+import subprocess
+import sys
 from collections.abc import Iterator
 from pathlib import Path
 from types import ModuleType
@@ -12,7 +15,8 @@ import pytest
 
 from .jwks import AUDIENCE, TEAM_DOMAIN, JwksServer, SigningKey, claims, service_claims
 
-EXAMPLE = Path(__file__).resolve().parent.parent / "examples" / "flask-embed" / "app.py"
+ROOT = Path(__file__).resolve().parent.parent
+EXAMPLE = ROOT / "examples" / "flask-embed" / "app.py"
 HEADER = "Cf-Access-Jwt-Assertion"
 
 
@@ -81,11 +85,43 @@ def test_health_needs_no_token(client: Any) -> None:
     assert (response.status_code, response.data) == (200, b"ok")
 
 
-def test_missing_settings_name_the_option(monkeypatch: pytest.MonkeyPatch) -> None:
+def test_a_refusal_reason_is_in_the_combined_log_line(
+    client: Any, key: SigningKey, caplog: pytest.LogCaptureFixture
+) -> None:
+    response = client.get("/", headers={HEADER: key.sign(claims(email="eve@evil.com"))})
+    assert response.status_code == 403
+    response.close()  # the line is written when the response is closed
+    [line] = [r.getMessage() for r in caplog.records if r.name == "authproxy.access"]
+    assert '"GET / HTTP/1.1" 403 ' in line
+    assert line.endswith(' refusal="not allowed by policy: eve@evil.com"'), line
+
+
+def test_a_bad_option_names_it(monkeypatch: pytest.MonkeyPatch) -> None:
     from authproxy import ConfigError
 
     monkeypatch.delenv("AUTHPROXY_TEAM_DOMAIN", raising=False)
-    monkeypatch.setenv("AUTHPROXY_AUDIENCE", AUDIENCE)
     with pytest.raises(ConfigError) as caught:
-        _load_example().create_app()
+        _load_example().create_app(audience=[AUDIENCE])
     assert caught.value.key == "team_domain"
+
+
+@pytest.mark.parametrize("unset", ["AUTHPROXY_TEAM_DOMAIN", "AUTHPROXY_AUDIENCE"])
+def test_flask_run_without_a_setting_says_which_without_a_traceback(
+    unset: str, tmp_path: Path
+) -> None:
+    env = {k: v for k, v in os.environ.items() if not k.startswith("AUTHPROXY_")}
+    env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(ROOT), env.get("PYTHONPATH")]))
+    env.update(AUTHPROXY_TEAM_DOMAIN=TEAM_DOMAIN, AUTHPROXY_AUDIENCE=AUDIENCE)
+    del env[unset]
+    result = subprocess.run(
+        [sys.executable, "-m", "flask", "--app", str(EXAMPLE), "routes"],
+        cwd=tmp_path,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert result.returncode == 1, result.stdout + result.stderr
+    assert result.stderr.strip() == (
+        f"flask-embed: set {unset} (see examples/flask-embed/README.md)"
+    ), result.stderr

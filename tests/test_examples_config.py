@@ -393,3 +393,157 @@ def test_pinned_self_signed_certificate_is_trusted_and_nothing_else(
         assert refused.status_code == 502
         assert_no_secret(refused)
     assert len(upstream.seen) == seen
+
+
+# --- the impersonation variant of the dashboard example -------------------------------------
+
+
+IMPERSONATION = EXAMPLES / "kubernetes-dashboard" / "impersonation"
+#: What the account may be given through impersonation: users, groups, extras, uids.
+IMPERSONABLE = {("", "users"), ("", "groups"), ("", "uids"), ("authentication.k8s.io", "*")}
+
+
+def _impersonation_toml() -> dict[str, Any]:
+    [configmap] = [d for d in docs(IMPERSONATION / "config.yaml") if d["kind"] == "ConfigMap"]
+    return tomllib.loads(configmap["data"]["authproxy.toml"])
+
+
+def test_impersonation_rbac_lets_the_account_only_impersonate() -> None:
+    objects = docs(IMPERSONATION / "rbac.yaml")
+    default = Example("kubernetes-dashboard")
+    [account] = [o for o in objects if o["kind"] == "ServiceAccount"]
+    assert account == default.one("ServiceAccount")
+    me = {
+        "kind": "ServiceAccount",
+        "name": account["metadata"]["name"],
+        "namespace": account["metadata"]["namespace"],
+    }
+    roles = {o["metadata"]["name"]: o for o in objects if o["kind"] == "ClusterRole"}
+    bindings = [o for o in objects if o["kind"] in ("ClusterRoleBinding", "RoleBinding")]
+    mine = [b for b in bindings if me in b["subjects"]]
+    assert [b["kind"] for b in mine] == ["ClusterRoleBinding"]
+    assert mine[0]["subjects"] == [me]
+    rules = roles[mine[0]["roleRef"]["name"]]["rules"]
+    for rule in rules:
+        assert rule["verbs"] == ["impersonate"], rule
+        for group in rule["apiGroups"]:
+            for resource in rule["resources"]:
+                kind = "*" if group == "authentication.k8s.io" else resource
+                assert (group, kind) in IMPERSONABLE, rule
+    granted = {(g, r) for rule in rules for g in rule["apiGroups"] for r in rule["resources"]}
+    assert granted >= {("", "users"), ("", "groups")}
+
+
+def test_impersonation_rbac_gives_two_groups_different_rights_in_one_namespace() -> None:
+    objects = docs(IMPERSONATION / "rbac.yaml")
+    role_bindings = [o for o in objects if o["kind"] == "RoleBinding"]
+    rights = {}
+    for binding in role_bindings:
+        [subject] = binding["subjects"]
+        assert subject["kind"] == "Group" and subject["apiGroup"] == "rbac.authorization.k8s.io"
+        rights[subject["name"]] = binding["roleRef"]["name"]
+    assert sorted(rights.values()) == ["edit", "view"]
+    assert len({b["metadata"]["namespace"] for b in role_bindings}) == 1
+    # Cluster-wide, the groups get no more than reading namespaces.
+    roles = {o["metadata"]["name"]: o for o in objects if o["kind"] == "ClusterRole"}
+    for binding in (o for o in objects if o["kind"] == "ClusterRoleBinding"):
+        if all(s["kind"] == "Group" for s in binding["subjects"]):
+            assert {s["name"] for s in binding["subjects"]} <= set(rights)
+            for rule in roles[binding["roleRef"]["name"]]["rules"]:
+                assert set(rule["verbs"]) <= {"get", "list", "watch"}
+                assert rule["resources"] == ["namespaces"]
+    # The groups the proxy lets in are the groups the cluster grants something to.
+    identity = step(_impersonation_toml(), "identity")
+    assert set(identity["allow_groups"]) == set(rights)
+
+
+def test_impersonation_config_is_the_default_plus_groups_and_the_step() -> None:
+    default = Example("kubernetes-dashboard")
+    [configmap] = [d for d in docs(IMPERSONATION / "config.yaml") if d["kind"] == "ConfigMap"]
+    assert configmap["metadata"] == default.configmap["metadata"]
+    variant = _impersonation_toml()
+    assert [s["use"] for s in variant["pipeline"]] == [
+        "access-log",
+        "cross-origin",
+        "identity",
+        "impersonate",
+        "inject-headers",
+    ]
+    assert step(variant, "cross-origin").get("enabled", True) is True
+    assert step(variant, "impersonate")["require_identity"] is True
+    identity = dict(step(variant, "identity"))
+    assert identity.pop("groups") == "access" and identity.pop("allow_groups")
+    assert identity == step(default.toml, "identity")
+    assert step(variant, "inject-headers") == step(default.toml, "inject-headers")
+    assert step(variant, "access-log") == step(default.toml, "access-log")
+    for section in ("server", "upstream", "health"):
+        assert variant[section] == default.toml[section], section
+
+
+def test_impersonation_example_config_acts_as_each_person(
+    start_proxy: Callable[..., Proxy], tmp_path: Path
+) -> None:
+    """The example's own config, served by ``authproxy serve``: each person reaches a
+    Kubernetes-like upstream as themselves, with their Access groups."""
+    from .impersonation import AccessIdentity, ApiServerLike
+    from .jwks import AUDIENCE, TEAM_DOMAIN, JwksServer, SigningKey, claims
+
+    key = SigningKey("RSA")
+    access = AccessIdentity(
+        {
+            "alice@example.com": ["dashboard-editors", "all-staff"],
+            "carol@example.com": ["all-staff"],
+        }
+    )
+    apiserver = ApiServerLike()
+    token_file = tmp_path / "token"
+    token_file.write_text(TOKEN + "\n")
+    try:
+        with JwksServer([key]) as jwks:
+            config = _impersonation_toml()
+            del config["server"]["listen"]  # a free loopback port instead
+            config["upstream"]["url"] = apiserver.url
+            del config["upstream"]["tls_verify"]
+            identity = step(config, "identity")
+            identity.update(
+                team_domain=TEAM_DOMAIN,
+                audience=[AUDIENCE],
+                certs_url=jwks.url,
+                identity_url=access.url,
+            )
+            inject = step(config, "inject-headers")
+            [path] = re.findall(r"\$\{file:([^}]+)\}", inject["set"]["Authorization"])
+            inject["set"]["Authorization"] = inject["set"]["Authorization"].replace(
+                path, str(token_file)
+            )
+            proxy = start_proxy(config)
+
+            alice = key.sign(claims())
+            r = requests.get(
+                proxy.url + "/api/v1/namespaces/team-a/pods",
+                headers={"Cf-Access-Jwt-Assertion": alice, "Impersonate-Group": "system:masters"},
+                timeout=30,
+            )
+            assert r.status_code == 200, r.text
+            assert r.json()["user"] == "alice@example.com"
+            assert r.json()["groups"] == ["dashboard-editors", "all-staff"]
+            seen = apiserver.last()
+            assert seen.values("Authorization") == [f"Bearer {TOKEN}"]
+            assert seen.values("Cf-Access-Jwt-Assertion") == []
+            assert_no_secret(r)
+
+            before = len(apiserver.seen)
+            carol = key.sign(claims(email="carol@example.com"))
+            r = requests.get(proxy.url + "/", headers={"Cf-Access-Jwt-Assertion": carol})
+            assert r.status_code == 403, "carol is in no group the cluster grants anything to"
+            # A form another site made alice's browser send never arrives.
+            r = requests.post(
+                proxy.url + "/api/v1/namespaces/team-a/pods",
+                headers={"Cf-Access-Jwt-Assertion": alice, "Sec-Fetch-Site": "cross-site"},
+                timeout=30,
+            )
+            assert r.status_code == 403
+            assert len(apiserver.seen) == before
+    finally:
+        access.stop()
+        apiserver.stop()

@@ -28,3 +28,17 @@ def test_ruff_format() -> None:
 def test_mypy_strict() -> None:
     result = run("mypy")
     assert result.returncode == 0, result.stdout + result.stderr
+
+
+def test_setup_cfg_holds_only_what_pyproject_cannot_and_agrees_with_ruff() -> None:
+    import configparser
+    import tomllib
+
+    cfg = configparser.ConfigParser()
+    cfg.read(ROOT / "setup.cfg")
+    # Editor linters only: no build or metadata (pyproject.toml's job), no
+    # settings of a tool that reads pyproject.toml.
+    assert set(cfg.sections()) == {"pycodestyle", "flake8"}
+    ruff = tomllib.loads((ROOT / "pyproject.toml").read_text())["tool"]["ruff"]
+    for section in cfg.sections():
+        assert cfg.getint(section, "max-line-length") == ruff["line-length"], section

@@ -526,3 +526,49 @@ def test_docs_minimal_plugin_is_the_example_and_under_30_lines() -> None:
     blocks = re.findall(r"```python\n(.*?)```", docs, re.S)
     assert example in blocks, "docs/plugins.md must show examples/custom-plugin verbatim"
     assert len(example.splitlines()) < 30
+
+
+# -- the guide's examples ----------------------------------------------------------------------
+
+
+GUIDE = Path(__file__).resolve().parent.parent / "docs" / "plugins.md"
+
+
+def _blocks(language: str) -> list[str]:
+    return re.findall(rf"```{language}\n(.*?)```", GUIDE.read_text(), re.S)
+
+
+def test_the_guides_pyproject_is_the_examples_whole_file() -> None:
+    example = GUIDE.parent.parent / "examples" / "custom-plugin" / "pyproject.toml"
+    assert example.read_text() in _blocks("toml")
+
+
+def test_the_guides_inject_headers_response_table_is_valid(upstream: Upstream) -> None:
+    import tomllib
+
+    [block] = [b for b in _blocks("toml") if "response = " in b]
+    step = tomllib.loads(block)["pipeline"][0]
+    app = build(upstream, [step])
+    try:
+        response = Client(app).get("/x")
+        assert response.headers["Cache-Control"] == "no-store"
+    finally:
+        app.close()
+
+
+def test_the_guides_response_header_step_works() -> None:
+    [block] = [b for b in _blocks("python") if "def with_no_store" in b]
+    namespace: dict[str, Any] = {}
+    exec(compile(block, str(GUIDE), "exec"), namespace)  # noqa: S102 - our own docs
+
+    def inner(environ: dict[str, Any], start_response: Any) -> list[bytes]:
+        cached = environ["PATH_INFO"].endswith("/cached")
+        headers = [("Cache-Control", "max-age=60")] if cached else []
+        start_response("200 OK", [("Content-Type", "text/plain"), *headers])
+        return [b"ok"]
+
+    client = Client(namespace["NoStoreForApi"](inner, prefix="/api/"))
+    assert client.get("/api/pods").headers.getlist("Cache-Control") == ["no-store"]
+    assert client.get("/api/cached").headers.getlist("Cache-Control") == ["max-age=60"]
+    assert "Cache-Control" not in client.get("/ui").headers
+    assert client.get("/api/pods").data == b"ok"

@@ -54,7 +54,8 @@ class AccessLog:
     """Log one line per request through :mod:`logging`, after the body is sent.
 
     :param format: ``"json"`` (one object per line, stable keys) or ``"combined"``
-        (Apache/nginx combined plus the duration in ms).
+        (Apache/nginx combined plus the duration in ms, then ``refusal="..."``
+        when a step refused the request).
     :param logger: name of the :class:`logging.Logger` written to (level INFO).
     :param log_query: keep the query string in the logged path (off: it often
         carries tokens).
@@ -205,4 +206,5 @@ def _combined(r: dict[str, Any], started: float) -> str:
             if "tunnel_end" in r
             else ""
         )
+        + (f" refusal={json.dumps(r['refusal'])}" if r["refusal"] else "")
     )

@@ -27,7 +27,9 @@ def create_app(**identity_options: Any) -> Flask:
     Options default to the environment: ``AUTHPROXY_TEAM_DOMAIN``,
     ``AUTHPROXY_AUDIENCE`` (comma-separated tags), optionally
     ``AUTHPROXY_CERTS_URL`` and, to allow only some people,
-    ``AUTHPROXY_ALLOW_EMAIL_DOMAINS``. Keyword arguments override them.
+    ``AUTHPROXY_ALLOW_EMAIL_DOMAINS``. Keyword arguments override them. With
+    no keyword arguments and a required variable unset, it exits with a line
+    naming the variable (no traceback under ``flask run``).
     """
     app = Flask(__name__)
 
@@ -45,6 +47,13 @@ def create_app(**identity_options: Any) -> Flask:
     def healthz() -> str:
         return "ok"
 
+    if not identity_options:
+        missing = [n for n in _REQUIRED if not os.environ.get(n, "").strip()]
+        if missing:
+            # Under `flask run` an exception here would end in a traceback.
+            raise SystemExit(
+                f"flask-embed: set {' and '.join(missing)} (see examples/flask-embed/README.md)"
+            )
     options: dict[str, Any] = {
         "provider": "cloudflare-access",
         "team_domain": os.environ.get("AUTHPROXY_TEAM_DOMAIN"),
@@ -60,6 +69,9 @@ def create_app(**identity_options: Any) -> Flask:
     if not logging.getLogger().handlers:
         logging.basicConfig(level=logging.INFO, format="%(message)s")
     return app
+
+
+_REQUIRED = ("AUTHPROXY_TEAM_DOMAIN", "AUTHPROXY_AUDIENCE")
 
 
 def _list(value: str | None) -> list[str]:
