@@ -20,7 +20,10 @@ from typing import Any
 import pytest
 import requests
 
+from authproxy.upstream.tunnel import TOKEN_GRACE
+
 from .conftest import bearer_config
+from .jwks import AUDIENCE, TEAM_DOMAIN, JwksServer, SigningKey, claims
 from .raw_upstream import RawUpstream
 from .support import Proxy, Upstream, wait_until
 
@@ -255,3 +258,44 @@ def test_without_epoll_the_worker_still_serves(
         except FileNotFoundError:
             pass
     assert "anon_inode:[eventpoll]" not in fds
+
+
+@pytest.mark.parametrize("worker_class", ["authproxy", "gthread"])
+def test_a_tunnel_ends_when_the_token_that_opened_it_expires(
+    start_proxy: Callable[..., Proxy], raw_upstream: RawUpstream, worker_class: str
+) -> None:
+    key = SigningKey("RSA")
+    with JwksServer([key]) as jwks:
+        proxy_config = {
+            "upstream": {"url": raw_upstream.url},
+            "server": {"workers": 1, "threads": 2, "worker_class": worker_class},
+            "pipeline": [
+                {"use": "access-log", "format": "json"},
+                {
+                    "use": "identity",
+                    "team_domain": TEAM_DOMAIN,
+                    "audience": [AUDIENCE],
+                    "certs_url": jwks.url,
+                },
+            ],
+        }
+        proxy = start_proxy(proxy_config)
+        expires = int(time.time()) + 2
+        token = key.sign(claims(exp=expires))
+        sock = connect(
+            proxy,
+            b"GET /tunnel HTTP/1.1\r\nHost: p\r\nConnection: Upgrade\r\nUpgrade: websocket\r\n"
+            b"Cf-Access-Jwt-Assertion: %s\r\n\r\n" % token.encode(),
+        )
+        with sock:
+            assert read_exactly(sock, b"\r\n\r\n").startswith(b"HTTP/1.1 101 ")
+            sock.sendall(b"still here;")
+            assert read_exactly(sock, b";") == b"still here;"
+            sock.settimeout(expires + TOKEN_GRACE + 10 - time.time())
+            assert sock.recv(100) == b""  # closed by the proxy, not by the test's timeout
+        assert time.time() >= expires + TOKEN_GRACE - 0.5
+    line = wait_until(
+        lambda: [x for x in proxy.access_lines() if x.get("path") == "/tunnel"],
+        what="the tunnel's access line",
+    )[0]
+    assert line["tunnel_end"] == "lifetime"
