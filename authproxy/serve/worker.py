@@ -343,7 +343,11 @@ class Client:
                 self.close()
                 return
             if not data:
-                self.close()
+                if self.buf:  # the client stopped mid-request: a thread answers (400)
+                    self.ready = True
+                    self._feed(b"")
+                else:
+                    self.close()
                 return
             if not self.started:
                 self.started = True
@@ -360,7 +364,8 @@ class Client:
             self.started = True
             self.deadline = min(self.deadline, time.monotonic() + self.loop.worker.header_timeout)
         try:
-            self.parser.feed_data(data)
+            if data:
+                self.parser.feed_data(data)
         except httptools.HttpParserUpgrade:
             self.ready = True
         except httptools.HttpParserError:
