@@ -262,10 +262,6 @@ class Identity:
                 identity = self.access_groups.apply(token, identity)
             except GroupsUnavailable as exc:
                 return refuse(environ, start_response, 503, f"groups unavailable: {exc.reason}")
-        # The name goes to the access log and to steps inside, whatever
-        # identity_headers says (also with none).
-        if not _VALUE_CTL.isdisjoint(identity.name):
-            return refuse(environ, start_response, 403, "claim 'name' holds a control character")
         values = []
         for _name, key, field in self.identity_headers:
             value = identity_value(identity, field)
@@ -276,6 +272,10 @@ class Identity:
                     environ, start_response, 403, f"claim {field!r} holds a control character"
                 )
             values.append((key, value))
+        # The name goes to the access log and to steps inside, whatever
+        # identity_headers says (also with none).
+        if not _VALUE_CTL.isdisjoint(identity.name):
+            return refuse(environ, start_response, 403, "claim 'name' holds a control character")
         if not self.policy.allows(identity):
             return refuse(
                 environ, start_response, 403, f"not allowed by policy: {_printable(identity.name)}"
