@@ -69,16 +69,37 @@ _in_networks_cached = functools.lru_cache(maxsize=4096)(_in_networks)
 
 def client_address(environ: WSGIEnvironment, trusted: tuple[Network, ...], header_key: str) -> str:
     """The client's address: the peer, or, when the peer is a trusted proxy,
-    the nearest untrusted address in *header_key* (X-Forwarded-For style)."""
+    the nearest untrusted address in *header_key* (X-Forwarded-For style).
+    A hop that is not an address ends the search: the peer is the client."""
     peer: str = environ.get("REMOTE_ADDR") or "-"
     forwarded: str | None = environ.get(header_key)
     if not forwarded or not trusted or not in_networks(peer, trusted):
         return peer
     hops = [h.strip() for h in forwarded.split(",") if h.strip()]
     for hop in reversed(hops):
+        if not is_address(hop):
+            # Not an address (a name, "unknown", a forged log line): nothing
+            # from here on is believed, the peer is the client.
+            return peer
         if not in_networks(hop, trusted):
             return hop
     return hops[0] if hops else peer
+
+
+def is_address(text: str) -> bool:
+    """True if *text* is a plain IPv4 or IPv6 address (no port, no brackets, no zone)."""
+    if len(text) > _LONGEST_CACHED or "%" in text:
+        return False
+    return _is_address(text)
+
+
+@functools.lru_cache(maxsize=4096)
+def _is_address(text: str) -> bool:
+    try:
+        ipaddress.ip_address(text)
+    except ValueError:
+        return False
+    return True
 
 
 class ClientAddress:

@@ -15,6 +15,8 @@ Middlewares never import each other; they talk through these environ keys.
 ``authproxy.tunnel_bytes_in``     bytes relayed client -> upstream by an Upgrade tunnel
 ``authproxy.tunnel_bytes_out``    bytes relayed upstream -> client by an Upgrade tunnel
 ``authproxy.tunnel_end``          why the tunnel ended: closed, idle, lifetime, reset, error
+``authproxy.path``                the path every decision is made on, see
+                                  :func:`request_path` (set on first use)
 ``authproxy.extra_headers``       upstream header lines that ``HTTP_*`` keys cannot carry
                                   (one name, several lines): a list of ``(name, value)``
                                   pairs, see :func:`add_upstream_header`
@@ -30,7 +32,8 @@ refuses a name or value that could split the header block (CR, LF, NUL, ``:``
 in the name). Absent or empty: nothing extra is sent (the common case costs one
 dict lookup).
 
-Helpers: :func:`refuse` (answer with a status, the reason goes to the access
+Helpers: :func:`request_path` (the normalised path of the target the
+forwarder sends), :func:`refuse` (answer with a status, the reason goes to the access
 log), :func:`register_secret` (redact a value from every log line),
 :func:`identity_of`, :class:`ClientAddress` (the client's address behind
 trusted proxies) and :func:`refusal_class`. ``docs/plugins.md`` is the guide.
@@ -60,11 +63,13 @@ TUNNEL_BYTES_IN = "authproxy.tunnel_bytes_in"
 TUNNEL_BYTES_OUT = "authproxy.tunnel_bytes_out"
 TUNNEL_END = "authproxy.tunnel_end"
 EXTRA_HEADERS = "authproxy.extra_headers"
+PATH = "authproxy.path"
 
 __all__ = [
     "CLIENT_ADDRESS",
     "EXTRA_HEADERS",
     "IDENTITY",
+    "PATH",
     "REFUSAL",
     "REQUEST_ID",
     "STEP",
@@ -84,6 +89,7 @@ __all__ = [
     "refusal_class",
     "refuse",
     "register_secret",
+    "request_path",
 ]
 
 
@@ -115,6 +121,76 @@ def identity_of(environ: Mapping[str, Any]) -> VerifiedIdentity | None:
     the request through unauthenticated on a public route)."""
     identity = environ.get(IDENTITY)
     return identity if isinstance(identity, VerifiedIdentity) else None
+
+
+_UNRESERVED_ESCAPE = re.compile(r"%(2[dDeE]|3[0-9]|[46][1-9a-fA-F]|[57][0-9aA]|5[fF]|7[eE])")
+# Where a segment's name ends for an upstream that takes ";" path parameters
+# (Tomcat, Jetty: "..;x" is ".."), raw or encoded.
+_PARAMETERS = re.compile(r";|%3[bB]")
+
+
+def request_path(environ: Mapping[str, Any]) -> str | None:
+    """The path of the target the forwarder sends, as the strictest upstream resolves it.
+
+    Every decision on a path (health endpoints, ``skip_paths``, a plugin's
+    routes) is made on this, never on ``PATH_INFO`` or ``SCRIPT_NAME``, which a
+    server may take from client headers (gunicorn's ``forwarder_headers``). The
+    raw target (``RAW_URI``, else ``REQUEST_URI``, else ``SCRIPT_NAME`` +
+    ``PATH_INFO``) loses its query, escapes of unreserved characters are
+    decoded (``%2e`` is ``.``), and dot segments are removed as RFC 3986 5.2.4
+    does, where a segment counts as a dot segment by its name before any ``;``
+    or ``%3B`` (``..;x`` and ``..%3b`` are ``..``). Other escapes, ``;``
+    parameters of other segments and empty segments are kept.
+
+    None when there is no path to judge: a ``..`` that climbs above the root,
+    or a target that is not a path (``*``, authority-form). The result is kept
+    in ``environ["authproxy.path"]``.
+    """
+    cached = environ.get(PATH)
+    if cached is not None:
+        return cached or None
+    path = _normalise(_raw_path(environ))
+    if isinstance(environ, dict):
+        environ[PATH] = path or ""
+    return path
+
+
+def _raw_path(environ: Mapping[str, Any]) -> str | None:
+    raw: str | None = environ.get("RAW_URI") or environ.get("REQUEST_URI")
+    if raw is None:
+        path = environ.get("SCRIPT_NAME", "") + environ.get("PATH_INFO", "")
+        return path.replace("%", "%25") or "/"
+    raw = raw.partition("?")[0]
+    if raw.startswith("/"):
+        return raw
+    scheme, sep, rest = raw.partition("://")
+    if sep and scheme.lower() in ("http", "https"):  # absolute-form: the path part only
+        slash = rest.find("/")
+        return rest[slash:] if slash != -1 else "/"
+    return None
+
+
+def _normalise(path: str | None) -> str | None:
+    if path is None:
+        return None
+    path = _UNRESERVED_ESCAPE.sub(lambda m: chr(int(m.group(1), 16)), path)
+    out: list[str] = []
+    segments = path.split("/")[1:]
+    for index, segment in enumerate(segments):
+        name = _PARAMETERS.split(segment, 1)[0]
+        last = index == len(segments) - 1
+        if name == ".":
+            if last:
+                out.append("")
+        elif name == "..":
+            if not out:
+                return None  # above the root
+            out.pop()
+            if last:
+                out.append("")
+        else:
+            out.append(segment)
+    return "/" + "/".join(out)
 
 
 _HEADER_NAME_BAD = frozenset(" \t\r\n\0:")

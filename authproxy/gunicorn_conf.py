@@ -8,8 +8,8 @@ it (``AUTHPROXY_CONFIG``, ``./authproxy.toml``, or the Go sidecar's
 variables), and every setting comes from
 :func:`authproxy.serve.gunicorn.gunicorn_settings`, the same function ``authproxy
 serve`` uses: listen address, workers, threads, worker class, timeouts,
-keep-alive, ``forwarded_allow_ips``, request limits, logging. gunicorn's
-command line and ``GUNICORN_CMD_ARGS`` still override any of them
+keep-alive, ``forwarded_allow_ips``, ``forwarder_headers`` (none), request
+limits, logging. gunicorn's command line and ``GUNICORN_CMD_ARGS`` still override any of them
 (``GUNICORN_CMD_ARGS="--max-requests=1000"``).
 
 Without this module, ``gunicorn 'authproxy.wsgi:application'`` runs with

@@ -50,6 +50,9 @@ keepalive = 100
 # Whose X-Forwarded-Proto/-For gunicorn believes: cloudflared over loopback.
 # Never "*" while the port is reachable from other pods.
 forwarded_allow_ips = "127.0.0.1,::1"
+# And nothing else from it: gunicorn would take SCRIPT_NAME/PATH_INFO from such
+# a peer's request headers (authproxy decides on the raw target regardless).
+forwarder_headers = ""
 
 # Header names with underscores ("X_Auth_User") map to the same environ key
 # as their dashed twins ("X-Auth-User"), so a client could smuggle one past a

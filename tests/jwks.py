@@ -160,12 +160,12 @@ class JwksServer:
     ``mode``: ``ok``; ``error`` (503); ``stall`` (accepts, never answers until
     stopped or set back to ``ok``); ``garbage`` (200, not JSON); ``empty``
     (200, a valid document with no key); ``not-found`` (404).
-    ``hits`` counts requests to the certs path.
+    ``hits`` counts requests to the certs path. *port* 0 picks a free one.
     """
 
     MODES = ("ok", "error", "stall", "garbage", "empty", "not-found")
 
-    def __init__(self, keys: Iterable[SigningKey] = (), mode: str = "ok") -> None:
+    def __init__(self, keys: Iterable[SigningKey] = (), mode: str = "ok", port: int = 0) -> None:
         self.keys = list(keys)
         self.mode = mode
         self.hits = 0
@@ -182,7 +182,7 @@ class JwksServer:
             def log_message(self, *args: Any) -> None:
                 pass
 
-        self._httpd = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self._httpd = ThreadingHTTPServer(("127.0.0.1", port), Handler)
         self._httpd.daemon_threads = True
         self.port = self._httpd.server_address[1]
         self._thread = threading.Thread(

@@ -270,3 +270,110 @@ def test_access_lines_appear_while_the_proxy_runs(upstream: Any, start_proxy: An
     wait_until(lambda: {"/batch/0", "/batch/1", "/batch/2"} <= paths(), timeout=10, what="3 lines")
     assert proxy.process.poll() is None
     assert TOKEN not in proxy.logs()
+
+
+# -- lines nobody can forge, through gunicorn ------------------------------------------
+
+
+#: Inside a JSON string, an escape (\\uXXXX, \\", ...) or anything but '"' and '\\'.
+_QUOTED = r'"(?:[^"\\]|\\.)*"'
+_COMBINED = re.compile(
+    rf"(?P<client>[!#-~]+|{_QUOTED}) - (?P<identity>[!#-~]+|{_QUOTED}) \[[^\]]+\] "
+    rf"(?P<request>{_QUOTED}) \d{{3}} \d+ {_QUOTED} {_QUOTED} [0-9.]+"
+)
+#: What splitlines() (and many log shippers) take for a line break, beyond CR and LF.
+_BREAKS = ("\r", "\0", "\x0b", "\x0c", "\x1c", "\x1d", "\x1e", "\x85", "\u2028", "\u2029")
+
+
+def _field(text: str) -> str:
+    return json.loads(text) if text.startswith('"') else text
+
+
+@pytest.mark.parametrize("identity_headers", [None, {}])
+@pytest.mark.parametrize("log_format", ["json", "combined"])
+def test_hostile_claims_and_headers_never_forge_a_line(
+    upstream: Any, start_proxy: Any, log_format: str, identity_headers: dict[str, str] | None
+) -> None:
+    """Exactly one well-formed line per request, whatever claims and headers say."""
+    from .jwks import AUDIENCE, TEAM_DOMAIN, JwksServer, SigningKey, claims
+    from .support import raw_request
+
+    key = SigningKey("RSA")
+    fake = '127.0.0.1 - admin@example.com [01/Jan/2026:00:00:00 +0000] "GET /x HTTP/1.1" 200'
+    emails = [
+        "a\u2028b@example.com",
+        "c\u0085d@example.com",
+        "e\u2029f@example.com",
+        "g\r\nh@example.com",
+        "i\0j@example.com",
+        f'k {fake} "@example.com',
+        "alice@example.com",
+    ]
+    headers = [
+        "X-Forwarded-For: " + fake,  # not an address: the peer is the client
+        "X-Forwarded-For: 203.0.113.9, " + fake,
+        "X-Forwarded-For: 203.0.113.9",
+        "User-Agent: ua\x85" + fake,
+        "Referer: r\x85" + fake,
+    ]
+    config: dict[str, Any] = {
+        "upstream": {"url": upstream.url},
+        "pipeline": [
+            {"use": "access-log", "format": log_format},
+            {"use": "identity", "team_domain": TEAM_DOMAIN, "audience": [AUDIENCE]},
+        ],
+    }
+    if identity_headers is not None:
+        config["pipeline"][1]["identity_headers"] = identity_headers
+    with JwksServer([key]) as jwks:
+        config["pipeline"][1]["certs_url"] = jwks.url
+        proxy = start_proxy(config)
+        sent = []
+        for i, email in enumerate(emails):
+            token = key.sign(claims(email=email, name=f"n\u2028{i}\r\nx"))
+            data = f"GET /mark/{i} HTTP/1.1\r\nHost: x\r\nCf-Access-Jwt-Assertion: {token}\r\n\r\n"
+            sent.append(raw_request(proxy.port, data.encode("utf-8")).status)
+        token = key.sign(claims())
+        for j, header in enumerate(headers, start=len(emails)):
+            lines = [
+                f"GET /mark/{j} HTTP/1.1",
+                "Host: x",
+                header,
+                f"Cf-Access-Jwt-Assertion: {token}",
+            ]
+            sent.append(
+                raw_request(proxy.port, ("\r\n".join(lines) + "\r\n\r\n").encode("latin-1")).status
+            )
+        assert sent[0:3] == [200, 200, 200] and sent[3:5] == [403, 403]
+        total = len(emails) + len(headers)
+        wait_until(lambda: proxy.logs().count("/mark/") >= total, timeout=10, what="the lines")
+        text = proxy.logs()
+    for char in _BREAKS:
+        assert char not in text, f"a raw {char!r} in the log"
+    marked = [line for line in text.splitlines() if "/mark/" in line]
+    assert len(marked) == total, marked
+    by_index: dict[int, tuple[str, str | None]] = {}
+    for line in marked:
+        if log_format == "json":
+            record = json.loads(line)
+            path, client, identity = record["path"], record["client"], record["identity"]
+        else:
+            match = _COMBINED.fullmatch(line)
+            assert match, line
+            path = _field(match["request"]).split(" ")[1]
+            client, identity = _field(match["client"]), _field(match["identity"])
+            identity = None if identity == "-" else identity
+        index = int(path.rsplit("/", 1)[1])
+        assert index not in by_index
+        by_index[index] = (client, identity)
+    assert by_index[0] == ("127.0.0.1", emails[0])
+    assert by_index[1] == ("127.0.0.1", emails[1])
+    assert by_index[5] == ("127.0.0.1", emails[5])
+    n = len(emails)
+    assert [by_index[n + k][0] for k in range(len(headers))] == [
+        "127.0.0.1",
+        "127.0.0.1",
+        "203.0.113.9",
+        "127.0.0.1",
+        "127.0.0.1",
+    ]

@@ -8,10 +8,13 @@ test is skipped without them, except under CI, where it fails.
 
 from __future__ import annotations
 
+import json
 import os
 import shutil
 import tempfile
+import threading
 from collections.abc import Callable, Iterator
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import Any
 
 import pytest
@@ -90,3 +93,110 @@ def test_a_browser_gets_its_websocket_and_event_stream_through_the_proxy(
     live.gate("events-done").set()
     assert live.note("closed:browser").wait(PATIENCE)
     assert access_line(proxy, "/ws/echo")["status"] == 101
+
+
+# -- another origin's page cannot act through the proxy ----------------------------------
+
+#: Sends a POST (no-cors: the page cannot read the answer, but the request goes
+#: out) and opens a WebSocket to *base*, and writes what happened into the page.
+ATTACK_PAGE = """<!doctype html>
+<title>attack</title>
+<p id="post">waiting</p><p id="ws">waiting</p>
+<script>
+const base = %s || location.origin;
+const show = (id, text) => { document.getElementById(id).textContent = text; };
+fetch(base + "/attack/post", {method: "POST", mode: "no-cors", body: "x=1"})
+  .then(r => show("post", r.type === "opaque" ? "opaque" : "status " + r.status))
+  .catch(() => show("post", "failed"));
+const ws = new WebSocket(base.replace(/^http/, "ws") + "/ws/echo?id=" + %s);
+ws.onopen = () => ws.send("hi");
+ws.onmessage = (e) => { show("ws", "echo: " + e.data); ws.close(); };
+ws.onerror = () => show("ws", "failed");
+</script>
+"""
+
+
+def attack_page(base: str, name: str) -> bytes:
+    return (ATTACK_PAGE % (json.dumps(base), json.dumps(name))).encode()
+
+
+class AttackUpstream(LiveUpstream):
+    """The live upstream, also serving the page at ``/attack/page`` (same-origin then)."""
+
+    def route_attack_page(self, environ: Any, start_response: Any, args: Any) -> Any:
+        body = attack_page("", "same")
+        start_response(
+            "200 OK", [("Content-Type", "text/html"), ("Content-Length", str(len(body)))]
+        )
+        return [body]
+
+
+@pytest.fixture
+def other_origin() -> Iterator[Callable[[bytes], str]]:
+    """Serve a page from another origin (another port): returns its URL."""
+    servers: list[ThreadingHTTPServer] = []
+
+    def serve(page: bytes) -> str:
+        class Handler(BaseHTTPRequestHandler):
+            def do_GET(self) -> None:  # noqa: N802 - http.server's name
+                self.send_response(200)
+                self.send_header("Content-Type", "text/html")
+                self.send_header("Content-Length", str(len(page)))
+                self.end_headers()
+                self.wfile.write(page)
+
+            def log_message(self, *args: Any) -> None:
+                pass
+
+        server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        server.daemon_threads = True
+        threading.Thread(target=server.serve_forever, daemon=True).start()
+        servers.append(server)
+        return f"http://127.0.0.1:{server.server_address[1]}/"
+
+    yield serve
+    for server in servers:
+        server.shutdown()
+        server.server_close()
+
+
+def test_a_page_on_another_origin_cannot_post_or_open_a_websocket_through_the_proxy(
+    start_proxy: Callable[..., Proxy], browser: Any, other_origin: Callable[[bytes], str]
+) -> None:
+    """The attack of a logged-in user's browser: the other origin's POST never
+    reaches the upstream and its WebSocket fails; the same page served through the
+    proxy (same origin) does both."""
+    from selenium.webdriver.common.by import By
+    from selenium.webdriver.support.ui import WebDriverWait
+
+    live = AttackUpstream().start()
+    try:
+        proxy = start_proxy(live_config(live, TOKEN))
+        wait = WebDriverWait(browser, PATIENCE)
+
+        def outcome() -> tuple[str, str]:
+            wait.until(
+                lambda d: (
+                    "waiting"
+                    not in (d.find_element(By.ID, "post").text, d.find_element(By.ID, "ws").text)
+                )
+            )
+            return browser.find_element(By.ID, "post").text, browser.find_element(By.ID, "ws").text
+
+        browser.get(other_origin(attack_page(proxy.url, "xsite")))
+        assert outcome() == ("opaque", "failed")
+        for path in ("/attack/post", "/ws/echo"):
+            line = access_line(proxy, path)
+            assert line["status"] == 403 and line["refusal"].startswith("cross-origin"), line
+        assert live.requests_to("/attack/post") == [] and live.requests_to("/ws/echo") == []
+
+        browser.get(f"{proxy.url}/attack/page")
+        assert outcome() == ("status 200", "echo: hi")
+        (post,) = live.requests_to("/attack/post")
+        assert post.header("Authorization") == f"Bearer {TOKEN}"
+        (ws,) = live.requests_to("/ws/echo")
+        assert ws.header("Origin") == proxy.url
+        browser.get("about:blank")
+        assert live.note("closed:same").wait(PATIENCE)
+    finally:
+        live.stop()

@@ -28,7 +28,7 @@ import psutil
 import pytest
 import requests
 
-from .jwks import AUDIENCE, TEAM_DOMAIN, JwksServer, SigningKey, certs_document, claims
+from .jwks import AUDIENCE, CERTS_PATH, TEAM_DOMAIN, JwksServer, SigningKey, certs_document, claims
 from .scripted import Request, ScriptedUpstream, reset
 from .support import (
     TOKEN,
@@ -529,6 +529,42 @@ def test_no_usable_keys_at_start_refuses_everyone_but_health_answers(
         logs = proxy.logs()
         assert "no keys, refusing every request" in logs
         assert "Traceback" not in logs
+
+
+@pytest.mark.parametrize(("outage", "first"), [("refused", "readyz"), ("error", "token")])
+def test_keys_back_after_an_outage_at_start_serve_within_seconds(
+    start_proxy: StartProxy, upstream: Upstream, key: SigningKey, outage: str, first: str
+) -> None:
+    """With no key at all the proxy retries after 1 s, 2 s, 4 s... (not every
+    ``min_refetch_interval``, 30 s by default): once the endpoint is back, /readyz
+    and a valid token follow within a couple of seconds."""
+    port = free_port()
+    jwks: FaultyKeys | None = None
+    if outage == "error":
+        jwks = FaultyKeys([key], mode="error", port=port).start()
+    url = f"http://127.0.0.1:{port}{CERTS_PATH}"
+    proxy = start_proxy(identity_config(upstream, url))
+    try:
+        token = key.sign(claims())
+        if first == "token":  # a refused token spends the request-triggered refetch
+            assert send_token(proxy, token).status_code == 403
+        assert requests.get(proxy.url + "/readyz", timeout=30).status_code == 503
+        if jwks is None:
+            jwks = FaultyKeys([key], port=port).start()
+        else:
+            jwks.set_mode("ok")
+        back = time.monotonic()
+        wait_until(
+            lambda: requests.get(proxy.url + "/readyz", timeout=30).status_code == 200,
+            timeout=3.0,
+            what="/readyz 200 after the key endpoint came back",
+        )
+        assert send_token(proxy, token).status_code == 200
+        assert time.monotonic() - back < 3.5
+    finally:
+        if jwks is not None:
+            jwks.stop()
+    assert upstream.seen and all(s.target == "/app" for s in upstream.seen)
 
 
 #: A failing fetch and what the log says about it.

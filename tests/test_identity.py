@@ -507,12 +507,14 @@ def test_policy(
         assert stack.refusal is not None and stack.refusal.startswith("not allowed by policy")
 
 
-def test_policy_refusal_reasons_escape_control_characters(
-    make: Callable[..., Stack], rsa_key: SigningKey
+@pytest.mark.parametrize("identity_headers", [None, {}])
+def test_a_name_with_control_characters_is_refused_with_any_identity_headers(
+    make: Callable[..., Stack], rsa_key: SigningKey, identity_headers: dict[str, str] | None
 ) -> None:
-    stack = make(identity_headers={}, allow_emails=["bob@example.com"])
+    stack = make(identity_headers=identity_headers)
     assert stack.get(rsa_key.sign(claims(email="eve@example.com\r\nX: 1"))).status_code == 403
-    assert stack.refusal == "not allowed by policy: eve@example.com\\r\\nX: 1"
+    assert stack.refusal is not None and "control character" in stack.refusal
+    assert "\r" not in stack.refusal and not stack.echo.calls
 
 
 def test_service_token_allowed(make: Callable[..., Stack], rsa_key: SigningKey) -> None:

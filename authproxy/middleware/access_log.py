@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import logging
+import re
 import time
 from collections.abc import Iterable
 from typing import TYPE_CHECKING, Any
@@ -45,7 +46,8 @@ SENSITIVE_HEADERS = frozenset(
     }
 )
 _FORMATS = ("json", "combined")
-_ENCODE = json.JSONEncoder(separators=(",", ":"), sort_keys=True).encode
+# ensure_ascii: U+2028, U+0085 and every other non-ASCII character as \uXXXX.
+_ENCODE = json.JSONEncoder(separators=(",", ":"), sort_keys=True, ensure_ascii=True).encode
 
 __all__ = ["SENSITIVE_HEADERS", "AccessLog", "client_address", "parse_networks"]
 
@@ -66,6 +68,11 @@ class AccessLog:
         behind cloudflared.
     :param log_headers: request headers to add to each line, for debugging;
         credentials among them are always shown as ``***``.
+
+    Every field is escaped: no line holds a raw CR, LF, NUL, U+2028 or U+0085
+    (JSON escapes all but printable ASCII; ``combined`` JSON-quotes the
+    request, referer and user agent always, ``client`` and ``identity`` when
+    they are not one plain word).
 
     Fields: time, request_id, client, method, path, protocol, status, bytes,
     duration_ms, upstream_ms, identity, user_agent, refusal; for a WebSocket
@@ -194,11 +201,25 @@ def _iso_time(when: float) -> str:
     return f"{text}.{int(when % 1 * 1000):03d}Z"
 
 
+# Printable ASCII but space and '"': a field that is safe unquoted.
+_BARE = re.compile(r"[!#-~]+")
+
+
+def _bare(value: str | None) -> str:
+    """*value* as is when it is one plain word, else JSON-quoted (every control
+    character, U+2028, U+0085... escaped); None is ``-``."""
+    if value is None:
+        return "-"
+    if value != "-" and _BARE.fullmatch(value):
+        return value
+    return json.dumps(value)
+
+
 def _combined(r: dict[str, Any], started: float) -> str:
     when = time.strftime("%d/%b/%Y:%H:%M:%S +0000", time.gmtime(started))
     request = f"{r['method']} {r['path']} {r['protocol']}"
     return (
-        f"{r['client']} - {r['identity'] or '-'} [{when}] {json.dumps(request)} "
+        f"{_bare(r['client'])} - {_bare(r['identity'])} [{when}] {json.dumps(request)} "
         f"{r['status']} {r['bytes']} {json.dumps(r['referer'] or '-')} "
         f"{json.dumps(r['user_agent'] or '-')} {r['duration_ms']}"
         + (

@@ -5,7 +5,7 @@ from __future__ import annotations
 from collections.abc import Callable, Iterable
 from typing import TYPE_CHECKING
 
-from ..context import plain_response
+from ..context import plain_response, request_path
 
 if TYPE_CHECKING:
     from _typeshed.wsgi import StartResponse, WSGIApplication, WSGIEnvironment
@@ -45,7 +45,8 @@ class Health:
         self.checks = tuple(checks)
 
     def __call__(self, environ: WSGIEnvironment, start_response: StartResponse) -> Iterable[bytes]:
-        path = environ.get("PATH_INFO")
+        # The path the forwarder would send, not PATH_INFO (see request_path).
+        path = request_path(environ)
         if path == self.live:
             return plain_response(start_response, 200, "ok")
         if path == self.ready:

@@ -28,6 +28,9 @@ def gunicorn_settings(config: Config) -> dict[str, Any]:
         "graceful_timeout": max(1, round(s.graceful_timeout)),
         "keepalive": max(0, round(s.keepalive)),
         "forwarded_allow_ips": s.forwarded_allow_ips,
+        # No SCRIPT_NAME/PATH_INFO from request headers, even from a trusted
+        # peer: every path decision is made on the raw target anyway.
+        "forwarder_headers": "",
         # Workers binding one Unix socket path would unlink each other's.
         "reuse_port": s.reuse_port and not s.listen.startswith("unix:"),
         "limit_request_line": s.limit_request_line,

@@ -330,6 +330,12 @@ class Forwarder:
 
     def _headers(self, environ: WSGIEnvironment) -> dict[str, str]:
         headers = {header_name(key): value for key, value in environ.items() if key[:5] == "HTTP_"}
+        # Framing is the server's: an HTTP_CONTENT_LENGTH key (a "Content_Length"
+        # header under gunicorn's header_map = "dangerous") is a client's claim
+        # about a body the server did not frame. header_name() title-cases, so
+        # every spelling of the key lands on these two names.
+        headers.pop("Content-Length", None)
+        headers.pop("Content-Type", None)
         if environ.get("CONTENT_TYPE"):
             headers["Content-Type"] = environ["CONTENT_TYPE"]
         if environ.get("CONTENT_LENGTH"):

@@ -6,7 +6,7 @@ from __future__ import annotations
 from collections.abc import Iterable, Mapping
 from typing import TYPE_CHECKING, Any
 
-from ...context import IDENTITY, refuse
+from ...context import IDENTITY, refuse, request_path
 from ...errors import ConfigError
 from ...headers import environ_key, sanitize
 from ..templates import identity_value
@@ -48,7 +48,9 @@ class Identity:
     the identity headers, of the defaults and of
     ``Cf-Access-Authenticated-User-Email`` are always removed.
     A header value that would hold a control character (CR, LF, NUL...) is
-    never set: the request is refused with ``403``.
+    never set: the request is refused with ``403``; so is an identity whose
+    name (email, service token or subject) holds one, with any
+    ``identity_headers`` (also ``{}``).
 
     :param provider: ``cloudflare-access`` (default), ``google-iap``, ``pomerium``
         or ``oidc`` (set ``header``/``cookie``, ``certs_url``, ``issuer`` yourself).
@@ -89,9 +91,12 @@ class Identity:
         or any claim. ``{}`` sets none. Default: ``X-Auth-Request-Email`` and
         ``X-Auth-Request-User``.
     :param skip_paths: paths that need no identity (``/favicon.ico``, or
-        ``/static/*`` for a prefix). A path with dot segments, ``//``, a
-        backslash or an encoded ``/``, ``\\``, ``.`` or ``%`` never matches. Later steps
-        still run: a skipped path also gets what they inject.
+        ``/static/*`` for a prefix), matched on the forwarded target with dot
+        segments resolved (``..;`` and ``%2e%2e`` count as ``..``, see
+        :func:`~authproxy.context.request_path`). A path with ``//``, a
+        backslash or an encoded ``/``, ``\\``, ``%`` or NUL never matches; one
+        that climbs above the root is refused with ``400``. Later steps still
+        run: a skipped path also gets what they inject.
     :param keys_refresh_interval: seconds between scheduled key refetches.
     :param keys_min_refetch_interval: at least this long between refetches
         triggered by an unknown ``kid`` or by having no keys.
@@ -237,6 +242,9 @@ class Identity:
         sanitize(environ)
         for key in self._remove_keys:
             environ.pop(key, None)
+        if request_path(environ) is None:
+            # No path every upstream would resolve alike: decide nothing on it.
+            return refuse(environ, start_response, 400, "bad path: above the root or not a path")
         if self.skip_paths and self.skip_paths.match(environ):
             return self.app(environ, start_response)
         token, conflict = self._token(environ)
@@ -264,6 +272,10 @@ class Identity:
                     environ, start_response, 403, f"claim {field!r} holds a control character"
                 )
             values.append((key, value))
+        # The name goes to the access log and to steps inside, whatever
+        # identity_headers says (also with none).
+        if not _VALUE_CTL.isdisjoint(identity.name):
+            return refuse(environ, start_response, 403, "claim 'name' holds a control character")
         if not self.policy.allows(identity):
             return refuse(
                 environ, start_response, 403, f"not allowed by policy: {_printable(identity.name)}"

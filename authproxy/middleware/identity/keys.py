@@ -5,8 +5,12 @@ A :class:`KeyCache` holds the public keys published at one JWKS URL, by ``kid``.
 - The first fetch happens when the cache is built (at start-up), never on the
   first request. If it fails, the cache starts empty and every lookup fails,
   so the identity step refuses everyone (fail closed) until a fetch succeeds.
-- A daemon thread refetches every ``refresh_interval`` seconds (after a failure:
-  every ``min_refetch_interval``), so a rotation is picked up without traffic.
+- A daemon thread refetches every ``refresh_interval`` seconds, so a rotation
+  is picked up without traffic. After a failure with no key at all it retries
+  after 1 s, then 2, 4... up to ``min_refetch_interval``: the proxy serves (and
+  ``/readyz`` answers 200) within a couple of seconds of the key endpoint
+  coming back from a short outage. After a failure with a good set it retries
+  every ``min_refetch_interval``.
 - A lookup of an unknown ``kid`` triggers a refetch at once, but at most one
   per ``min_refetch_interval``: a flood of tokens with made-up kids costs the
   key endpoint one request per interval, not one per token.
@@ -45,6 +49,9 @@ log = logging.getLogger("authproxy.keys")
 ASYMMETRIC_ALGORITHMS = frozenset(
     {"RS256", "RS384", "RS512", "PS256", "PS384", "PS512", "ES256", "ES384", "ES512", "EdDSA"}
 )
+
+#: The first retry after a failed fetch left no key, in seconds; it doubles per failure.
+_FIRST_RETRY = 1.0
 
 #: A key set larger than this is not a key set.
 MAX_DOCUMENT_BYTES = 1024 * 1024
@@ -95,7 +102,8 @@ class KeyCache:
     :param algorithms: the algorithms a key may be for; other keys are ignored.
     :param refresh_interval: seconds between scheduled refetches.
     :param min_refetch_interval: at least this many seconds between refetches
-        caused by an unknown ``kid`` (and between retries after a failure).
+        caused by an unknown ``kid``, and the longest wait between retries after
+        a failure (with no key at all they start at 1 s and double up to it).
     :param timeout: seconds one fetch may take in all (connect, headers, body).
     :param ca_bundle: a CA bundle to verify the key endpoint's TLS certificate
         against, instead of the system's.
@@ -130,6 +138,7 @@ class KeyCache:
         self.generation = 0
         self._keys: dict[str, PyJWK] = {}
         self._last_refetch = -math.inf
+        self._retry_delay = self._first_retry()
         self._failing = False
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
@@ -166,6 +175,9 @@ class KeyCache:
 
     def has_keys(self) -> bool:
         """True when at least one key is trusted (a readiness check)."""
+        if self._pid != os.getpid():
+            # A worker asked by /readyz before any token: start its refresh thread.
+            self._after_fork()
         return bool(self._keys)
 
     def kids(self) -> list[str]:
@@ -250,18 +262,32 @@ class KeyCache:
         self._thread = threading.Thread(target=self._run, name="authproxy-keys", daemon=True)
         self._thread.start()
 
+    def _first_retry(self) -> float:
+        return min(_FIRST_RETRY, self.refresh_interval)
+
+    def _next_delay(self, ok: bool) -> float:
+        """Seconds to the next fetch: the schedule, or a retry after a failure."""
+        if ok:
+            self._retry_delay = self._first_retry()
+            return self.refresh_interval
+        # Never more than once a second (unless the schedule itself is faster).
+        cap = min(self.refresh_interval, max(self.min_refetch_interval, _FIRST_RETRY))
+        if self._keys:
+            return cap  # the last good set serves meanwhile
+        # No key, everyone refused: back off from 1 s, doubling up to the cap.
+        delay = min(self._retry_delay, cap)
+        self._retry_delay = min(delay * 2, cap)
+        return delay
+
     def _run(self) -> None:
-        # After a failure retry sooner, but never more than once a second
-        # (unless the schedule itself is faster).
-        retry = min(self.refresh_interval, max(self.min_refetch_interval, 1.0))
-        delay = self.refresh_interval if self._keys else retry
+        delay = self._next_delay(bool(self._keys))
         while not self._stop.wait(delay):
             try:
                 ok = self.refresh()
             except Exception:  # one bad fetch must never end the schedule
                 log.exception("unexpected error fetching keys from %s", self.url)
                 ok = False
-            delay = self.refresh_interval if ok else retry
+            delay = self._next_delay(ok)
 
     def _after_fork(self) -> None:
         # Threads and sockets do not survive a fork: make fresh ones, once.

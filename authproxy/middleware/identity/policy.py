@@ -5,7 +5,7 @@ from __future__ import annotations
 from collections.abc import Mapping
 from typing import TYPE_CHECKING, Any
 
-from ...context import VerifiedIdentity
+from ...context import VerifiedIdentity, request_path
 from ...errors import ConfigError
 
 if TYPE_CHECKING:
@@ -77,10 +77,16 @@ class Policy:
 
 
 class SkipPaths:
-    """Exact paths and ``prefix/*`` patterns that pass without an identity."""
+    """Exact paths and ``prefix/*`` patterns that pass without an identity.
+
+    Matched on :func:`~authproxy.context.request_path` (the forwarded target,
+    dot segments and ``..;`` resolved). A path that some upstream might still
+    resolve elsewhere (an encoded ``/`` or ``\\``, a ``%25``, ``%00``, a
+    backslash, ``//``) never matches.
+    """
 
     # "%25" too: a double-encoded "%2e%2e" is ".." to an upstream that decodes twice.
-    _SUSPICIOUS = ("%2f", "%5c", "%2e", "%25", "\\", "//")
+    _SUSPICIOUS = ("%2f", "%5c", "%25", "%00", "\\", "//")
 
     def __init__(self, patterns: list[str] | None) -> None:
         exact, prefixes = set(), []
@@ -98,16 +104,14 @@ class SkipPaths:
         return bool(self.exact or self.prefixes)
 
     def match(self, environ: WSGIEnvironment) -> bool:
-        path = environ.get("PATH_INFO") or "/"
-        if path not in self.exact and not path.startswith(self.prefixes):
+        path = request_path(environ)
+        if path is None or (path not in self.exact and not path.startswith(self.prefixes)):
             return False
-        # The upstream gets the raw target: anything it might resolve to
-        # another path does not skip.
-        raw = (environ.get("RAW_URI") or environ.get("REQUEST_URI") or path).partition("?")[0]
-        lowered = raw.lower()
-        if any(s in lowered for s in self._SUSPICIOUS):
-            return False
-        return not any(seg in (".", "..") for seg in path.split("/"))
+        # Also as sent: an encoded "/" that dot segments removed ("/static/%2f/..")
+        # is still there for an upstream that decodes before it resolves.
+        raw = (environ.get("RAW_URI") or environ.get("REQUEST_URI") or "").partition("?")[0]
+        lowered = f"{path} {raw}".lower()
+        return not any(s in lowered for s in self._SUSPICIOUS)
 
     def describe(self) -> list[str]:
         return sorted(self.exact) + [p + "*" for p in self.prefixes]
