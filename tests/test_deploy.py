@@ -213,7 +213,7 @@ def test_gunicorn_example_serves_and_drops_underscore_headers(
             rc = process.wait(timeout=60)
     text = log.read_text(errors="replace")
     assert rc == 0, text
-    assert "Using worker: authproxy.serve.gthread.ThreadWorker" in text
+    assert "Using worker: authproxy.serve.worker.Worker" in text
     assert TOKEN not in text
     # One access line per request, from authproxy's step (JSON), none from gunicorn.
     assert '"GET /x HTTP/1.1"' not in text
@@ -233,7 +233,7 @@ def _children(pid: int) -> list[int]:
     return [int(p) for p in Path(f"/proc/{pid}/task/{pid}/children").read_text().split()]
 
 
-@pytest.mark.parametrize("worker_class", ["sync", "gthread"])
+@pytest.mark.parametrize("worker_class", ["authproxy", "sync", "gthread"])
 def test_plain_gunicorn_with_the_config_module_serves_as_server_says(
     upstream: Upstream, tmp_path: Path, worker_class: str
 ) -> None:
@@ -276,7 +276,7 @@ def test_plain_gunicorn_with_the_config_module_serves_as_server_says(
     text = log.read_text(errors="replace")
     assert rc == 0, text
     assert f"Listening at: http://127.0.0.1:{port}" in text, text
-    expected = "authproxy.serve.gthread.ThreadWorker" if worker_class == "gthread" else "sync"
+    expected = {"authproxy": "authproxy.serve.worker.Worker"}.get(worker_class, worker_class)
     assert f"Using worker: {expected}" in text, text
     assert f"configuration: {env['AUTHPROXY_CONFIG']}" in text
     assert TOKEN not in text

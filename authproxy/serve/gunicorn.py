@@ -50,8 +50,9 @@ def _worker_class(config: Config) -> Any:
     s = config.server
     if s.worker_class != "authproxy":
         return s.worker_class
+    # Named as gunicorn logs a worker it imported by name ("Using worker: ...").
     return type(
-        "Worker",
+        f"{Worker.__module__}.{Worker.__qualname__}",
         (Worker,),
         {
             "__module__": Worker.__module__,
