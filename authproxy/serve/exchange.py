@@ -23,7 +23,6 @@ import errno
 import os
 import socket
 import ssl
-import struct
 import time
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
@@ -72,7 +71,7 @@ Outcome = Keep | Stream | Tunnel | None
 
 
 def serve_request(
-    worker: Any, sock: socket.socket, client: Any, server: Any, buffered: bytes
+    worker: Any, sock: socket.socket, client: Any, server: Any, buffered: bytes, drain: bool = True
 ) -> Outcome:
     """Read one request (what the loop *buffered*, then the socket), run the app, answer.
 
@@ -85,7 +84,7 @@ def serve_request(
     req = None
     try:
         req = next(parser)
-        return _answer(worker, parser, req, sock, client, server)
+        return _answer(worker, parser, req, sock, client, server, drain)
     except (NoMoreData, StopIteration):
         return None
     except ssl.SSLError as exc:
@@ -102,7 +101,13 @@ def serve_request(
 
 
 def _answer(
-    worker: Any, parser: Any, req: Any, sock: socket.socket, client: Any, server: Any
+    worker: Any,
+    parser: Any,
+    req: Any,
+    sock: socket.socket,
+    client: Any,
+    server: Any,
+    drain: bool,
 ) -> Outcome:
     resp, environ = wsgi.create(req, sock, client, server, worker.cfg)
     environ["wsgi.multithread"] = True
@@ -119,7 +124,7 @@ def _answer(
         feed = getattr(body, "feed", None)
         if feed is not None and _relayable(resp) and not _spliceable(body, resp, sock):
             # The request's body must be behind us before the loop takes the connection.
-            keep = not resp.should_close() and _finish(parser)
+            keep = not resp.should_close() and (not drain or _finish(parser))
             resp.send_headers()
             handed = True
             buffered = parser.unreader.take_buffered() if keep else b""
@@ -139,7 +144,7 @@ def _answer(
             close = getattr(body, "close", None)
             if close is not None:
                 close()
-    if resp.should_close() or not _finish(parser):
+    if resp.should_close() or drain and not _finish(parser):
         return None
     return Keep(parser.unreader.take_buffered())
 
@@ -185,9 +190,8 @@ def _write(resp: Any, body: Iterable[bytes], sock: socket.socket) -> None:
             pass  # the length the head announces is not the body's: iterate
         else:
             resp.headers_sent = True
-            with _blocking(sock, resp.cfg):
-                for moved in moves:
-                    resp.sent += moved
+            for moved in moves:
+                resp.sent += moved
             return
     for piece in body:
         resp.write(piece)
@@ -211,29 +215,6 @@ def _can_splice(resp: Any, sock: socket.socket) -> bool:
         and resp.req.method != "HEAD"
         and resp.status_code not in (204, 304)
     )
-
-
-class _blocking:
-    """The client socket in blocking mode, with its timeout in the kernel, while a
-    splice writes to it (splice(2) on a non-blocking socket would fail with EAGAIN)."""
-
-    def __init__(self, sock: socket.socket, cfg: Any) -> None:
-        self.sock = sock
-        self.timeout = sock.gettimeout()
-
-    def __enter__(self) -> None:
-        timeout = self.timeout or 0.0
-        seconds = int(timeout)
-        tv = struct.pack("@ll", seconds, int((timeout - seconds) * 1e6))
-        self.sock.settimeout(None)
-        self.sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDTIMEO, tv)
-
-    def __exit__(self, *exc: Any) -> None:
-        try:
-            self.sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDTIMEO, struct.pack("@ll", 0, 0))
-            self.sock.settimeout(self.timeout)
-        except OSError:
-            pass
 
 
 def _close_now(sock: socket.socket) -> None:

@@ -317,7 +317,8 @@ class Forwarder:
             # The client's fault (malformed chunks, a body shorter than its
             # length, a body that stalled): the upstream got no complete request
             # and did nothing wrong.
-            if isinstance(exc.__cause__, TimeoutError):
+            # TimeoutError, or EAGAIN from a socket with its timeout in the kernel.
+            if isinstance(exc.__cause__, (TimeoutError, BlockingIOError)):
                 return _error(start_response, "408 Request Timeout")
             return _error(start_response, "400 Bad Request")
         except UpstreamError as exc:
