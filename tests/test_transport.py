@@ -325,3 +325,23 @@ def test_an_idle_connection_the_upstream_closed_is_not_used_as_is() -> None:
     assert again is conn and conn.closed  # closed, to be connected afresh by the exchange
     for peer in opener.peers:
         peer.close()
+
+
+def test_a_body_that_broke_off_never_closes_its_connection_again(pair: Pair) -> None:
+    """The connection of a failed body goes back to the pool at once and may carry
+    the next request on a new socket; closing the old response must leave it be."""
+    pair.upstream.sendall(HEAD % 100 + b"x" * 10)
+    pair.upstream.shutdown(socket.SHUT_WR)
+    response = pair.response()
+    with pytest.raises(UpstreamProtocolError):
+        for _ in response:
+            pass
+    assert pair.pool.returned == [pair.conn]
+    # The pool hands the connection to another request, which connects it anew.
+    fresh, peer = socket.socketpair()
+    with peer:
+        pair.conn.sock, pair.conn.closed = fresh, False
+        response.close()  # what the server does with the failed body
+        assert not pair.conn.closed
+        fresh.sendall(b"still mine")
+        assert peer.recv(100) == b"still mine"

@@ -14,8 +14,11 @@ from another thread is passed to the loop through *defer*.
 
 from __future__ import annotations
 
+import os
+import queue
 import select
 import selectors
+from collections import deque
 from collections.abc import Callable
 from typing import Any
 
@@ -123,3 +126,101 @@ def _mask(events: int) -> int:
     if events & WRITE:
         mask |= select.EPOLLOUT
     return mask
+
+
+class EpollReady:
+    """Where pool threads wait for work: idle connections' next requests, and
+    requests the loop read in full (:meth:`put`).
+
+    Idle connections are armed for one read event (:meth:`arm`); the thread
+    whose ``epoll_wait`` reports it owns the connection and serves the request
+    itself, with no hand-off through the loop. Who owns an idle connection,
+    that thread or the loop expiring it (:meth:`disarm`), is settled by
+    ``dict.pop``, atomic under the GIL.
+    """
+
+    def __init__(self) -> None:
+        self._epoll = select.epoll()
+        self._idle: dict[int, Any] = {}
+        self._handed: deque[Any] = deque()
+        self._wake_r, self._wake_w = os.pipe()
+        os.set_blocking(self._wake_r, False)
+        self._epoll.register(self._wake_r, select.EPOLLIN)
+
+    def put(self, client: Any) -> None:
+        """Give *client* (or None: a thread is to stop) to a pool thread."""
+        self._handed.append(client)
+        os.write(self._wake_w, b"x")
+
+    def arm(self, client: Any) -> None:
+        """Let a pool thread take *client* when its next request arrives (any thread)."""
+        self._idle[client.fd] = client
+        mask = select.EPOLLIN | select.EPOLLONESHOT
+        try:
+            self._epoll.modify(client.fd, mask)
+        except FileNotFoundError:
+            self._epoll.register(client.fd, mask)
+
+    def disarm(self, client: Any) -> bool:
+        """Take back an idle *client* (the loop, to close it); False if a thread has it."""
+        if self._idle.pop(client.fd, None) is None:
+            return False
+        try:
+            self._epoll.unregister(client.fd)
+        except OSError:
+            pass
+        return True
+
+    def idle(self) -> list[Any]:
+        return list(self._idle.values())
+
+    def take(self) -> tuple[Any, bool]:
+        """Wait for work (pool threads): (client, True if its next request is to be
+        read), or (None, False) when the thread is to stop."""
+        while True:
+            try:
+                return self._handed.popleft(), False
+            except IndexError:
+                pass
+            for fd, _ in self._epoll.poll(1.0, 1):
+                if fd == self._wake_r:
+                    try:
+                        os.read(self._wake_r, 1)
+                    except BlockingIOError:
+                        pass
+                    continue
+                client = self._idle.pop(fd, None)
+                if client is not None:  # else: expired and closed meanwhile
+                    return client, True
+
+    def close(self) -> None:
+        self._epoll.close()
+        os.close(self._wake_r)
+        os.close(self._wake_w)
+
+
+class QueueReady:
+    """:class:`EpollReady` without epoll: idle connections wait in the loop's
+    selector (*wait_in_loop*), which reads each request and :meth:`put` s it."""
+
+    def __init__(self, wait_in_loop: Callable[[Any], None]) -> None:
+        self._queue: queue.SimpleQueue[Any] = queue.SimpleQueue()
+        self._wait_in_loop = wait_in_loop
+
+    def put(self, client: Any) -> None:
+        self._queue.put(client)
+
+    def arm(self, client: Any) -> None:
+        self._wait_in_loop(client)
+
+    def disarm(self, client: Any) -> bool:
+        return False
+
+    def idle(self) -> list[Any]:
+        return []
+
+    def take(self) -> tuple[Any, bool]:
+        return self._queue.get(), False
+
+    def close(self) -> None:
+        pass

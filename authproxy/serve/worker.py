@@ -39,8 +39,8 @@ from __future__ import annotations
 import contextlib
 import ctypes
 import os
-import queue
 import resource
+import select
 import socket
 import ssl
 import struct
@@ -55,7 +55,7 @@ from gunicorn.sock import ssl_wrap_socket
 from gunicorn.workers import base
 
 from .exchange import Keep, Outcome, Stream, Tunnel, serve_request
-from .poller import READ, make_poller
+from .poller import READ, EpollReady, QueueReady, make_poller
 from .relays import StreamRelay, TunnelRelay
 
 #: Body bytes the loop reads before a thread takes the request: a body up to
@@ -63,6 +63,14 @@ from .relays import StreamRelay, TunnelRelay
 BODY_BUFFER = 64 * 1024
 #: How often deadlines are looked at, in seconds.
 TICK = 0.25
+#: Pool threads waiting for the next request while the others serve theirs:
+#: under a CPU-bound load every thread past these only adds contention for
+#: the GIL, and each request waits for its turn at it several times.
+DUTY = 2
+#: Seconds a request may run before a spare thread takes over its duty, so a
+#: slow upstream, a long download or a stream being set up never keeps the
+#: others waiting: ``threads`` stays the number of requests in flight.
+PATIENCE = 0.005
 _WOULD_BLOCK = (BlockingIOError, InterruptedError, ssl.SSLWantReadError, ssl.SSLWantWriteError)
 _TIMEOUT_408 = (
     b"HTTP/1.1 408 Request Timeout\r\nConnection: close\r\n"
@@ -98,8 +106,13 @@ class Loop:
         self.worker = worker
         self.done: deque[Callable[[], None]] = deque()
         self.poller = make_poller(self.call_soon)
-        self.jobs: queue.SimpleQueue[Client | None] = queue.SimpleQueue()
-        self.clients: set[Client] = set()  # waiting for (the rest of) a request
+        self.ready: Any = (
+            EpollReady() if hasattr(select, "epoll") else QueueReady(self._wait_in_loop)
+        )
+        self.duty = threading.Semaphore(max(1, min(DUTY, worker.cfg.threads)))
+        self.busy: dict[int, float] = {}  # pool thread -> when its request began, while on duty
+        self.stopping = False
+        self.clients: set[Client] = set()  # the loop reads (the rest of) their request
         self.serving: set[Client] = set()  # with a pool thread
         self.relays: set[Any] = set()  # StreamRelay, TunnelRelay
         self.open = 0  # client connections (changed by the loop thread only)
@@ -145,18 +158,26 @@ class Loop:
 
     def _turn(self) -> None:
         """Wait for events at most one tick, handle them, then the deadlines."""
-        self._sleeping = True
-        events = self.poller.poll(0.0 if self.done else TICK)
+        timeout = PATIENCE if self.busy else TICK
+        self._sleeping = True  # before looking: a request taken up after the look wakes it
+        events = self.poller.poll(0.0 if self.done else timeout)
         self._sleeping = False
         for handler, mask in events:
             handler(mask)
         while self.done:
             self.done.popleft()()
         now = time.monotonic()
+        for thread, since in list(self.busy.items()):
+            # Whoever pops the entry, the loop or the serving thread, frees the duty.
+            if now - since >= PATIENCE and self.busy.pop(thread, None) is not None:
+                self.duty.release()
         if now >= self._next_expiry:
             self._next_expiry = now + TICK
             for client in [c for c in list(self.clients) if c.deadline <= now]:
                 client.expire()
+            for client in self.ready.idle():
+                if client.deadline <= now and self.ready.disarm(client):
+                    client.close()
             for relay in [r for r in list(self.relays) if r.deadline and r.deadline <= now]:
                 relay.expire(now)
 
@@ -166,19 +187,25 @@ class Loop:
         for listener in worker.sockets:
             with contextlib.suppress(OSError):
                 listener.close()
-        for client in list(self.clients):
-            client.close()
+        self._close_waiting()
         deadline = time.monotonic() + worker.cfg.graceful_timeout
         while (self.serving or self.relays) and time.monotonic() < deadline:
             worker.notify()
             self._turn()
-            for client in list(self.clients):  # answered while stopping: not kept
-                client.close()
+            self._close_waiting()  # answered while stopping: not kept
         for relay in list(self.relays):
             relay.end("shutdown")
+        self.stopping = True
         for _ in threads:
-            self.jobs.put(None)
+            self.ready.put(None)
         self.poller.close()
+
+    def _close_waiting(self) -> None:
+        for client in list(self.clients):
+            client.close()
+        for client in self.ready.idle():
+            if self.ready.disarm(client):
+                client.close()
 
     def call_soon(self, callback: Callable[[], None]) -> None:
         """Run *callback* in the loop's thread (from any thread)."""
@@ -221,10 +248,11 @@ class Loop:
                     return
                 self.open += 1
                 client = Client(self, sock, addr, server)
+                client.deadline = time.monotonic() + self.worker.header_timeout
                 if self.tls:
                     client.dispatch()  # the handshake blocks: a thread does it
                 else:
-                    client.wait(time.monotonic() + self.worker.header_timeout)
+                    self.ready.arm(client)  # most first requests come in one piece
 
         return accept
 
@@ -236,22 +264,46 @@ class Loop:
 
     # -- the pool threads --------------------------------------------------------
 
+    def _wait_in_loop(self, client: Client) -> None:
+        self.call_soon(lambda: client.wait(client.deadline))
+
     def _serve(self) -> None:
-        worker = self.worker
+        """A pool thread: wait for work while on duty, serve it, and again."""
+        worker, ready, busy = self.worker, self.ready, self.busy
+        me = threading.get_ident()
+        on_duty = False
         while True:
-            client = self.jobs.get()
+            if not on_duty:
+                if self.stopping:
+                    return
+                on_duty = self.duty.acquire(timeout=1.0)
+                continue
+            client, fresh = ready.take()
             if client is None:
                 return
-            outcome: Outcome = None
+            busy[me] = time.monotonic()
+            if self._sleeping:  # the loop sleeps long while no request is on duty
+                self.call_soon(_nothing)
+            outcome: Any = None
             try:
-                outcome = client.serve()
+                outcome = client.read_and_serve() if fresh else client.serve()
             except Exception:
                 worker.log.exception("Error serving a connection")
-            worker.nr += 1
-            if worker.nr >= worker.max_requests and worker.alive:
-                worker.log.info("Autorestarting worker after current request.")
-                worker.alive = False
-            client.served(outcome)
+            if outcome is not _HANDED:
+                worker.nr += 1
+                if worker.nr >= worker.max_requests and worker.alive:
+                    worker.log.info("Autorestarting worker after current request.")
+                    worker.alive = False
+                client.served(outcome)
+            on_duty = busy.pop(me, None) is not None  # or a spare thread has the duty now
+
+
+def _nothing() -> None:
+    pass
+
+
+#: What a pool thread returns when it gave the connection to the loop to read more.
+_HANDED = object()
 
 
 class Client:
@@ -398,7 +450,7 @@ class Client:
 
     def dispatch(self) -> None:
         self.loop.serving.add(self)
-        self.loop.jobs.put(self)
+        self.loop.ready.put(self)
 
     def close(self) -> None:
         """Close the connection: the loop thread only, once."""
@@ -413,6 +465,53 @@ class Client:
         loop.closed()
 
     # -- in a pool thread ----------------------------------------------------------
+
+    def read_and_serve(self) -> Any:
+        """An idle connection turned readable: serve its request if it came whole,
+        else give the connection to the loop to read the rest."""
+        loop = self.loop
+        loop.serving.add(self)
+        try:
+            data = self.sock.recv(65536, socket.MSG_DONTWAIT)
+        except _WOULD_BLOCK:
+            data = None
+        except OSError:
+            data = b""
+        if data:
+            if not self.started:
+                self.started = True
+                self.deadline = time.monotonic() + loop.worker.header_timeout
+            self.buf += data
+            try:
+                self.parser.feed_data(data)
+            except httptools.HttpParserUpgrade:
+                self.ready = True
+            except httptools.HttpParserError:
+                self.ready = True
+            if self.ready:
+                return self.serve()
+        if data == b"":
+            loop.call_soon(self._hang_up)
+        else:  # a part of the request, or nothing after all: the loop reads on
+            loop.call_soon(lambda: self._read_on(bool(data)))
+        return _HANDED
+
+    def _hang_up(self) -> None:
+        self.loop.serving.discard(self)
+        if self.buf:  # mid-request: a thread answers (400)
+            self.ready = True
+            self.dispatch()
+        else:
+            self.close()
+
+    def _read_on(self, started: bool) -> None:
+        loop = self.loop
+        loop.serving.discard(self)
+        if started:  # what came is parsed already: wait for more
+            loop.clients.add(self)
+            loop.poller.arm(self.fd, self.on_readable)
+        else:
+            loop.ready.arm(self)
 
     def serve(self) -> Outcome:
         worker = self.loop.worker
@@ -445,8 +544,7 @@ class Client:
             self._new_request()
             self.deadline = time.monotonic() + loop.worker.cfg.keepalive
             loop.serving.discard(self)
-            loop.clients.add(self)
-            loop.poller.arm(self.fd, self.on_readable)
+            loop.ready.arm(self)
             return
         loop.call_soon(lambda: self._after(outcome))
 
@@ -471,7 +569,11 @@ class Client:
             self.sock.setblocking(True)
         self.buf[:] = buffered
         self._new_request()
-        self.wait(time.monotonic() + self.loop.worker.cfg.keepalive)
+        self.deadline = time.monotonic() + self.loop.worker.cfg.keepalive
+        if buffered or self.wrapped:
+            self.wait(self.deadline)
+        else:
+            self.loop.ready.arm(self)
 
 
 def _max_head(cfg: Any) -> int:

@@ -460,7 +460,13 @@ class Response:
         self._pool._put_conn(conn)
 
     def close(self) -> None:
-        """Drop the connection (the body may be unread)."""
+        """Drop the connection (the body may be unread).
+
+        Once released the connection is the pool's, and may already carry
+        another request on a new socket: closing it then would cut that one.
+        """
+        if self._released:
+            return
         if not self._complete:
             self._conn.close()
         self.release()
