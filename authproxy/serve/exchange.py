@@ -32,6 +32,8 @@ from gunicorn.http import wsgi
 from gunicorn.http.errors import NoMoreData
 from gunicorn.http.parser import RequestParser
 
+from ..errors import UpstreamError
+
 #: What a drained, unread request body may take before the connection is closed instead.
 DRAIN_SECONDS = 1.0
 _SPLICE = getattr(os, "splice", None)
@@ -135,7 +137,9 @@ def _answer(
         if not resp.headers_sent:
             raise
         # Mid-body: anything written now would be read as more of this body.
-        if not isinstance(exc, OSError):
+        if isinstance(exc, UpstreamError):
+            worker.log.warning("upstream failed mid-body: %s", exc)
+        elif not isinstance(exc, OSError):
             worker.log.exception("Error handling request")
         _close_now(sock)
         return None
