@@ -23,8 +23,8 @@ from ..errors import UpstreamConnectError, UpstreamProtocolError, UpstreamTimeou
 
 #: The fix for an upstream certificate this machine does not trust.
 UNTRUSTED_FIX = (
-    'trust its CA with [upstream] tls_verify = "/path/ca.pem", '
-    "or turn verification off with tls_verify = false"
+    'trust it with [upstream] tls_verify = "/path/ca.pem" (the CA that signed it, or the '
+    "certificate itself if self-signed), or turn verification off with tls_verify = false"
 )
 #: The fix for a certificate that does not name the host in the upstream's URL.
 MISMATCH_FIX = (
