@@ -89,5 +89,8 @@ def test_pool_maxsize_is_what_the_pool_was_built_with() -> None:
     pool = urllib3.HTTPConnectionPool("127.0.0.1", 1, maxsize=7)
     try:
         assert pool_maxsize(pool) == 7
+        assert pool.pool is not None
+        pool.pool.get()  # a slot in use: the size it was built with is still 7
+        assert pool_maxsize(pool) == 7
     finally:
         pool.close()
