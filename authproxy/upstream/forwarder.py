@@ -261,7 +261,9 @@ class Forwarder:
         adapter = self.session.get_adapter(self._origin + "/")
         self._transport = None
         if isinstance(adapter, UpstreamAdapter):
-            self._transport = adapter.transport(prepared, self._timeout, tls_verify, cert)
+            self._transport = adapter.transport(
+                prepared, self._timeout, tls_verify, cert, self._origin
+            )
         elif websocket:
             log.info("upgrades to %s are forwarded without the upgrade (%s mounted)", url, adapter)
         self._tunnel = (
