@@ -101,7 +101,8 @@ def test_failures_are_requests_exceptions_that_say_why(
 ) -> None:
     with pytest.raises(requests.ConnectionError, match="connection refused"):
         session.get(f"http://127.0.0.1:{free_port()}/")
-    with pytest.raises(requests.ReadTimeout, match="timed out"):
+    assert session.get(upstream.url + "/", timeout=(5, 30)).status_code == 200
+    with pytest.raises(requests.ReadTimeout, match="timed out"):  # same origin, its own timeout
         session.get(upstream.url + "/sleep/3", timeout=(5, 0.3))
 
 
@@ -149,3 +150,23 @@ def test_a_plain_adapter_of_the_users_is_used_as_it_is(upstream: Upstream) -> No
     assert upstream.last().header("User-Agent") in (None, "")  # urllib3 added none
     assert upstream.last().header("Accept-Encoding") is None
     session.close()
+
+
+def test_requests_to_two_origins_through_one_adapter_each_reach_their_own(
+    session: requests.Session, upstream: Upstream
+) -> None:
+    other = Upstream().start()
+    try:
+        timeout = (5.0, 5.0)
+        for _ in range(2):
+            for server in (upstream, other, other, upstream):
+                session.get(server.url + "/which", timeout=timeout)
+        assert len(upstream.seen) == 4 and len(other.seen) == 4
+        # An origin whose URL is a prefix of the next one's ("...:4123", "...:41234").
+        shorter = f"http://127.0.0.1:{upstream.port // 10}"
+        with pytest.raises(requests.ConnectionError):
+            session.get(shorter + "/", timeout=timeout)
+        assert session.get(upstream.url + "/which", timeout=timeout).status_code == 200
+        assert len(upstream.seen) == 5
+    finally:
+        other.stop()

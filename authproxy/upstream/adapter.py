@@ -62,6 +62,7 @@ if TYPE_CHECKING:
 MAX_TRANSPORTS = 16
 
 _NO_TIME = datetime.timedelta(0)
+_NO_LAST: tuple[str, Any, Any, Any, Any] = ("\0", None, None, None, None)
 _UNSET: Any = object()
 
 _Key = tuple[str, Any, Any, "float | None", "float | None"]
@@ -92,6 +93,7 @@ class UpstreamAdapter(HTTPAdapter):
         self.chunk_size = chunk_size
         self._transports: dict[_Key, Transport] = {}
         self._lock = threading.Lock()
+        self._last: tuple[str, Any, Any, Any, Any] = _NO_LAST
 
     def send(  # type: ignore[override]
         self,
@@ -107,8 +109,21 @@ class UpstreamAdapter(HTTPAdapter):
         url = request.url or ""
         if proxies and select_proxy(url, dict(proxies)):
             return super().send(request, stream, timeout, verify, cert, dict(proxies))
-        origin, target = _split(url)
-        transport = self.transport(request, timeout, verify, cert, origin)
+        # The last transport used, for a caller that sends to one origin with the
+        # same settings each time (the forwarder): no URL split, no key built.
+        origin, last_timeout, last_verify, last_cert, transport = self._last
+        if (
+            url.startswith(origin)
+            and url[len(origin) : len(origin) + 1] == "/"
+            and timeout is last_timeout
+            and verify is last_verify
+            and cert is last_cert
+        ):
+            target = url[len(origin) :]
+        else:
+            origin, target = _split(url)
+            transport = self.transport(request, timeout, verify, cert, origin)
+            self._last = (origin, timeout, verify, cert, transport)
         headers: Any = request.headers
         lines: Iterable[tuple[str, str]] = headers.items()
         if "Host" not in headers:
@@ -155,6 +170,7 @@ class UpstreamAdapter(HTTPAdapter):
                 while len(self._transports) >= MAX_TRANSPORTS:
                     oldest = next(iter(self._transports))
                     self._transports.pop(oldest).pool.close()
+                    self._last = _NO_LAST
                 self._transports[key] = transport
         return transport
 
@@ -163,6 +179,7 @@ class UpstreamAdapter(HTTPAdapter):
         with self._lock:
             transports = list(self._transports.values())
             self._transports.clear()
+            self._last = _NO_LAST
         for transport in transports:
             transport.pool.close()
         super().close()
