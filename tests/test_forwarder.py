@@ -281,7 +281,7 @@ def test_failure_log_names_no_query_or_secret(
         )
     assert response.status_code == 504
     messages = [r.getMessage() for r in caplog.records if r.name == "authproxy.forwarder"]
-    assert any("/sleep/3" in m and "UpstreamTimeout" in m for m in messages)
+    assert any("/sleep/3" in m and "timed out waiting for the answer" in m for m in messages)
     assert not any("abc123" in m or TOKEN in m for m in messages)
 
 

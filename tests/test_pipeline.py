@@ -14,6 +14,7 @@ import authproxy
 from authproxy import AccessLog, CrossOrigin, Forwarder, InjectHeaders, Pipeline, build_app
 from authproxy.config import from_environment, from_mapping
 from authproxy.pipeline import _Guard
+from authproxy.upstream.adapter import UpstreamAdapter
 
 from .support import TOKEN, Upstream, free_port
 
@@ -69,8 +70,11 @@ def test_build_app_takes_a_config_or_a_mapping(upstream: Upstream) -> None:
 def test_pool_is_sized_from_the_server_threads(upstream: Upstream) -> None:
     pipeline = build_app(stack(upstream, server={"threads": 5}))
     try:
-        assert pipeline.forwarder._pool.pool is not None
-        assert pipeline.forwarder._pool.pool.maxsize == 5
+        adapter = pipeline.forwarder.session.get_adapter(upstream.url + "/")
+        assert isinstance(adapter, UpstreamAdapter)
+        assert adapter.pool_size == 5
+        assert pipeline.forwarder._transport is not None
+        assert pipeline.forwarder._transport.pool.maxsize == 5
     finally:
         pipeline.close()
 
@@ -193,5 +197,9 @@ def test_a_raising_step_becomes_a_generic_500(caplog: pytest.LogCaptureFixture) 
 def test_close_closes_the_forwarder(upstream: Upstream) -> None:
     pipeline = build_app(stack(upstream))
     assert Client(pipeline).get("/").status_code == 200
+    adapter = pipeline.forwarder.session.get_adapter(upstream.url + "/")
+    assert isinstance(adapter, UpstreamAdapter)
+    idle = pipeline.forwarder._transport.pool if pipeline.forwarder._transport else None
+    assert idle is not None and len(idle) == 1 and len(adapter.poolmanager.pools) == 1
     pipeline.close()
-    assert pipeline.forwarder._pool.pool is None
+    assert len(idle) == 0 and len(adapter.poolmanager.pools) == 0

@@ -1,11 +1,13 @@
 """The forwarder: the only code that talks to the upstream.
 
-Its TLS and pool configuration comes from a :class:`requests.Session` (verify,
-CA bundle, client certificate, pool size), but each request goes over a socket
-from the session adapter's urllib3 pool (see :mod:`authproxy.transport`),
-below ``requests``' per-call machinery: that machinery re-encodes the request
-target, reads redirect bodies, keeps cookies and adds headers of its own, and a
-proxy wants none of that.
+Each request becomes a :class:`requests.PreparedRequest`, built here as the
+client sent it (raw target, no header added: ``Session.prepare_request`` would
+re-encode the target and add headers of its own), signed by ``session.auth``
+if one is set, and sent through the transport adapter the forwarder's
+:class:`requests.Session` mounts for the upstream's URL. authproxy's own
+adapter (:class:`~authproxy.upstream.adapter.UpstreamAdapter`) hands back the
+upstream's raw response, relayed as it came; any other adapter's response is
+relayed from its urllib3 ``raw``, undecoded.
 """
 
 from __future__ import annotations
@@ -16,16 +18,20 @@ import threading
 import time
 import warnings
 from collections.abc import Callable, Iterable, Iterator
+from http import HTTPStatus
 from typing import TYPE_CHECKING, Any
 from urllib.parse import quote, urlsplit
 
 import requests
-import urllib3
-from requests.adapters import HTTPAdapter
+from requests.adapters import BaseAdapter, HTTPAdapter
+from requests.auth import HTTPBasicAuth
+from requests.models import PreparedRequest
+from urllib3 import HTTPHeaderDict
 from urllib3.exceptions import InsecureRequestWarning
+from urllib3.util import SKIP_HEADER
 
 from ..context import EXTRA_HEADERS
-from ..errors import ConfigError, UpstreamError
+from ..errors import ConfigError, UpstreamError, UpstreamTimeout
 from ..headers import (
     HOP_BY_HOP_NAMES,
     REQUEST_CHUNKED_KEY,
@@ -36,8 +42,11 @@ from ..headers import (
     header_name,
     sanitize,
 )
+from .adapter import UpstreamAdapter
 from .client import UpstreamWait
-from .transport import Response, Transport
+from .failures import describe
+from .generic import GenericBody, header_fields
+from .transport import Response
 from .tunnel import Tunnel
 
 if TYPE_CHECKING:
@@ -139,6 +148,22 @@ class Forwarder:
     :param upgrades: the ``Upgrade`` protocols relayed as tunnels (default
         ``("websocket",)``; add ``"SPDY/3.1"`` for ``kubectl exec``-style
         clients). Any other is removed and the request forwarded as plain HTTP.
+    :param session: a :class:`requests.Session` of your own to send through
+        (default: one made here). Honoured: the adapters it mounts (the one
+        for the upstream's URL sends each request) and its ``auth`` (applied
+        to every request, after the pipeline's steps, e.g. a request signer).
+        Not used, whatever they say: ``headers`` (the client's headers are
+        what is forwarded), ``cookies`` (nothing is shared between clients),
+        ``verify``/``cert`` (``tls_verify``/``client_cert`` decide),
+        ``hooks``, ``max_redirects`` (redirects are relayed, not followed)
+        and ``trust_env``: no proxy from the environment, no ``.netrc``, no
+        ``REQUESTS_CA_BUNDLE``, ever. If only requests' default adapters are
+        mounted for the upstream, the forwarder mounts its own
+        :class:`~authproxy.upstream.adapter.UpstreamAdapter` on the session
+        for the upstream's origin; with an adapter of yours, requests are sent
+        (target as urllib3 re-encodes it) and relayed from ``response.raw``,
+        and upgrades are forwarded without the upgrade. :meth:`close` leaves
+        your session open.
 
     ``TRACE`` (and IIS's ``TRACK``) are answered ``501``, never forwarded: an
     upstream that implements them would echo the injected credential.
@@ -146,6 +171,19 @@ class Forwarder:
     Example::
 
         app = Forwarder("https://dashboard.internal", tls_verify="/etc/ca.pem")
+
+    With a session whose ``auth`` signs each request (any
+    :class:`requests.auth.AuthBase`; it may add or change headers, and sees a
+    body of up to 64 KiB as bytes)::
+
+        class Signer(requests.auth.AuthBase):
+            def __call__(self, request):
+                request.headers["X-Signature"] = sign(request.method, request.url)
+                return request
+
+        session = requests.Session()
+        session.auth = Signer()
+        app = Forwarder("https://dashboard.internal", session=session)
     """
 
     def __init__(
@@ -165,6 +203,7 @@ class Forwarder:
         websocket_idle_timeout: float | None = 3600.0,
         websocket_max_lifetime: float | None = 12 * 3600.0,
         upgrades: Iterable[str] = ("websocket",),
+        session: requests.Session | None = None,
     ) -> None:
         try:
             parts = urlsplit(url)
@@ -207,7 +246,10 @@ class Forwarder:
         self._base_query = parts.query
         self._address = (parts.hostname, port or (443 if parts.scheme == "https" else 80))
         self._host = parts.netloc
+        self._origin = f"{parts.scheme}://{parts.netloc}"
         self._connect_timeout = connect_timeout
+        self._read_timeout = read_timeout
+        self._timeout = (connect_timeout, read_timeout)
         if tls_verify is False and parts.scheme == "https":
             if url not in _WARNED_INSECURE:
                 _WARNED_INSECURE.add(url)
@@ -216,19 +258,27 @@ class Forwarder:
         cert: str | tuple[str, str] | None = client_cert
         if client_cert and client_key:
             cert = (client_cert, client_key)
-        self.session = self._make_session(tls_verify, cert, pool_size)
+        self._verify = tls_verify
+        self._cert = cert
+        self._own_session = session is None
+        self.session = session if session is not None else requests.Session()
         try:
-            prepared = requests.Request("GET", f"{parts.scheme}://{parts.netloc}/").prepare()
+            prepared = requests.Request("GET", self._origin + "/").prepare()
         except ValueError as exc:  # requests' InvalidURL: a host it cannot parse
-            self.session.close()
+            self.close()
             raise ConfigError("upstream.url", f"not a valid URL: {url!r} ({exc})") from None
-        adapter = self.session.get_adapter(prepared.url or "")
-        assert isinstance(adapter, HTTPAdapter)
-        pool = adapter.get_connection_with_tls_context(prepared, tls_verify, cert=cert)
-        assert isinstance(pool, urllib3.HTTPConnectionPool)
-        self._pool = pool
-        self._transport = Transport(pool, connect_timeout, read_timeout, chunk_size, pool_size)
-        self._read_timeout = read_timeout
+        self._mounted: UpstreamAdapter | None = None
+        if _default_adapter(self.session, self._origin + "/"):
+            self._mounted = UpstreamAdapter(pool_size, chunk_size=chunk_size)
+            self.session.mount(self._origin + "/", self._mounted)
+        adapter = self.session.get_adapter(self._origin + "/")
+        self._transport = None
+        if isinstance(adapter, UpstreamAdapter):
+            self._transport = adapter.transport(
+                prepared, self._timeout, tls_verify, cert, self._origin
+            )
+        elif websocket:
+            log.info("upgrades to %s are forwarded without the upgrade (%s mounted)", url, adapter)
         self._tunnel = (
             Tunnel(
                 self._transport,
@@ -236,27 +286,12 @@ class Forwarder:
                 max_lifetime=websocket_max_lifetime,
                 chunk_size=chunk_size,
             )
-            if websocket
+            if websocket and self._transport is not None
             else None
         )
         self._ready_at = 0.0
         self._ready = False
         self._ready_lock = threading.Lock()
-
-    @staticmethod
-    def _make_session(
-        verify: bool | str, cert: str | tuple[str, str] | None, pool_size: int
-    ) -> requests.Session:
-        session = requests.Session()
-        # No env proxies, no .netrc, no REQUESTS_CA_BUNDLE: the config decides.
-        session.trust_env = False
-        session.verify = verify
-        session.cert = cert
-        session.max_redirects = 0
-        adapter = HTTPAdapter(pool_connections=1, pool_maxsize=pool_size, max_retries=0)
-        session.mount("http://", adapter)
-        session.mount("https://", adapter)
-        return session
 
     # -- the request ---------------------------------------------------------
 
@@ -285,33 +320,36 @@ class Forwarder:
         if extra and not _extra_ok(extra):
             log.error("a step left a malformed %s entry; request refused", EXTRA_HEADERS)
             return _error(start_response, "500 Internal Server Error")
-        # An upgrade only means something on an HTTP/1.1 connection; elsewhere
-        # the request is served as if it had not asked (RFC 9110 7.8 allows it).
-        # Only the protocols in `upgrades` are relayed; any other Upgrade was
-        # removed with the hop-by-hop headers, so the request goes on as plain
-        # HTTP, and a 101 to it is refused (the transport asked for none).
-        upgrade = environ.get(UPGRADE_KEY)
-        if (
-            upgrade is not None
-            and self._tunnel is not None
-            and environ.get("SERVER_PROTOCOL") == "HTTP/1.1"
-        ):
-            offered = [p.strip() for p in upgrade.split(",") if p.strip().lower() in self.upgrades]
-            if offered:
+        auth = self.session.auth
+        try:
+            if auth is not None and body is not None and not isinstance(body, bytes):
+                # A signer hashing the body needs it whole: a small one is read first.
+                length = environ.get("CONTENT_LENGTH")
+                if length and int(length) <= SMALL_BODY:
+                    body = b"".join(body)
+            # Only the protocols in `upgrades` are relayed; any other Upgrade was
+            # removed with the hop-by-hop headers, so the request goes on as plain
+            # HTTP, and a 101 to it is refused (the transport asked for none).
+            offered = self._offered(environ)
+            if offered and self._tunnel is not None:
+                headers, extra = self._headers(environ), extra or []
+                if auth is not None:
+                    upgrade = {**headers, "Connection": "Upgrade", "Upgrade": offered}
+                    signed = self._signed(method, target, upgrade, extra, body)
+                    headers, extra = _split_fields(signed)
                 return self._tunnel(
                     environ,
                     start_response,
                     method,
                     target,
-                    self._headers(environ),
+                    headers,
                     body,
                     chunked,
                     self._relay,
-                    extra=extra or (),
-                    upgrade=", ".join(offered),
+                    extra=extra,
+                    upgrade=offered,
                 )
-        started = time.perf_counter()
-        try:
+            started = time.perf_counter()
             response = self._send(method, target, self._headers(environ), body, chunked, extra)
         except _ClientBodyError as exc:
             # The client's fault (malformed chunks, a body shorter than its
@@ -321,13 +359,29 @@ class Forwarder:
             if isinstance(exc.__cause__, (TimeoutError, BlockingIOError)):
                 return _error(start_response, "408 Request Timeout")
             return _error(start_response, "400 Bad Request")
-        except UpstreamError as exc:
+        except (requests.RequestException, UpstreamError) as exc:
             # The path only: queries often carry tokens.
             path = target.partition("?")[0]
-            log.warning("upstream %s failed: %s %s: %s", self.url, method, path, type(exc).__name__)
-            return _error(start_response, exc.status)
+            log.warning("upstream %s failed: %s %s: %s", self.url, method, path, describe(exc))
+            timed_out = isinstance(exc, (requests.Timeout, UpstreamTimeout))
+            return _error(start_response, "504 Gateway Timeout" if timed_out else "502 Bad Gateway")
         environ[UPSTREAM_MS_KEY] = (time.perf_counter() - started) * 1000.0
-        return self._relay(method, response, start_response, environ)
+        raw = response.raw
+        if isinstance(raw, Response):
+            return self._relay(method, raw, start_response, environ)
+        return self._relay_generic(method, response, start_response, environ)
+
+    def _offered(self, environ: WSGIEnvironment) -> str | None:
+        """The Upgrade to relay as a tunnel: the requested protocols in ``upgrades``.
+
+        An upgrade only means something on an HTTP/1.1 connection; elsewhere
+        the request is served as if it had not asked (RFC 9110 7.8 allows it).
+        """
+        upgrade = environ.get(UPGRADE_KEY)
+        if upgrade is None or self._tunnel is None or environ.get("SERVER_PROTOCOL") != "HTTP/1.1":
+            return None
+        offered = [p.strip() for p in upgrade.split(",") if p.strip().lower() in self.upgrades]
+        return ", ".join(offered) or None
 
     def _headers(self, environ: WSGIEnvironment) -> dict[str, str]:
         headers = {header_name(key): value for key, value in environ.items() if key[:5] == "HTTP_"}
@@ -371,10 +425,62 @@ class Forwarder:
         body: Any,
         chunked: bool,
         extra: list[tuple[str, str]] | None = None,
-    ) -> Response:
-        # Extra lines (authproxy.extra_headers) go after the rest, each on its own.
-        lines = [*headers.items(), *extra] if extra else headers.items()
-        return self._transport.send(method, target, lines, body, chunked)
+    ) -> requests.Response:
+        """Send through the adapter mounted for the upstream's URL; *chunked* is
+        implied (a body without ``Content-Length`` is sent chunked)."""
+        url = self._origin + target
+        adapter = self.session.get_adapter(url)
+        if isinstance(adapter, UpstreamAdapter) and not extra and self.session.auth is None:
+            # The hot path: a plain dict of the client's headers, each named once.
+            prepared = PreparedRequest()
+            prepared.method = method
+            prepared.url = url
+            prepared.headers = headers  # type: ignore[assignment]
+            prepared.body = body
+        else:
+            prepared = self._signed(method, target, headers, extra, body, adapter)
+        return adapter.send(
+            prepared,
+            stream=True,
+            timeout=self._timeout,
+            verify=self._verify,
+            cert=self._cert,
+            proxies={},
+        )
+
+    def _signed(
+        self,
+        method: str,
+        target: str,
+        headers: dict[str, str],
+        extra: list[tuple[str, str]] | None,
+        body: Any,
+        adapter: BaseAdapter | None = None,
+    ) -> PreparedRequest:
+        """The request with every field in a case-insensitive multi-dict (repeated
+        ones apart), passed through ``session.auth`` if set."""
+        fields = HTTPHeaderDict(headers)
+        for name, value in extra or ():
+            fields.add(name, value)
+        if isinstance(adapter, HTTPAdapter) and not isinstance(adapter, UpstreamAdapter):
+            # urllib3 adds these unless told not to: the client's own, or none.
+            for name in ("User-Agent", "Accept-Encoding"):
+                if name not in fields:
+                    fields[name] = SKIP_HEADER
+        prepared = PreparedRequest()
+        prepared.method = method
+        prepared.url = self._origin + target
+        prepared.headers = fields  # type: ignore[assignment]
+        prepared.body = body
+        auth = self.session.auth
+        if auth is None:
+            return prepared
+        if isinstance(auth, tuple) and len(auth) == 2:
+            auth = HTTPBasicAuth(*auth)
+        if not callable(auth):
+            raise TypeError(f"session.auth: expected an AuthBase or (user, password), got {auth!r}")
+        signed: PreparedRequest = auth(prepared)
+        return signed
 
     def _relay(
         self,
@@ -412,6 +518,52 @@ class Forwarder:
             response.before_read = wait.wait
         return _Stream(response, wait)
 
+    def _relay_generic(
+        self,
+        method: str,
+        response: requests.Response,
+        start_response: StartResponse,
+        environ: WSGIEnvironment,
+    ) -> Iterable[bytes]:
+        """:meth:`_relay` for a response from another adapter (see :mod:`.generic`)."""
+        fields = header_fields(response)
+        drop = _NOT_RELAYED
+        length: int | None = None
+        for name, value in fields:
+            lower = name.lower()
+            if lower == "connection":
+                drop = drop.union(connection_tokens(value))
+            elif lower == "transfer-encoding":
+                drop = drop.union({"content-length"})  # the coding frames the body
+        headers = [(k, v) for k, v in fields if k.lower() not in drop]
+        for name, value in headers:
+            if name.lower() == "content-length" and value.strip().isdigit():
+                length = int(value)
+        code = response.status_code
+        if not isinstance(code, int) or not 100 <= code < 600:
+            response.close()
+            log.warning("upstream %s failed: %s: status %r", self.url, method, code)
+            return _error(start_response, "502 Bad Gateway")
+        reason = response.reason or ""
+        status = f"{code} {reason if reason and not has_ctl(reason) else _phrase(code)}"
+        body = GenericBody(response, self.chunk_size)
+        if method == "HEAD" or code in (204, 304) or code < 200:
+            body.close()
+            start_response(status, headers)
+            return []
+        if length is not None and length <= SMALL_BODY and not _is_streaming(headers):
+            try:
+                data = b"".join(body)
+            except UpstreamError as exc:
+                log.warning("upstream %s failed mid-body: %s", self.url, describe(exc))
+                return _error(start_response, exc.status)
+            finally:
+                body.close()
+            start_response(status, headers)
+            return [data]
+        start_response(status, headers)
+        return body
+
     # -- readiness -------------------------------------------------------------
 
     def check_ready(self, cache_seconds: float = 2.0) -> bool:
@@ -433,9 +585,13 @@ class Forwarder:
         return self._ready
 
     def close(self) -> None:
-        self._transport.pool.close()
-        self.session.close()
-        self._pool.close()
+        """Close the upstream connections: the session, if the forwarder made it,
+        else the adapter it mounted on yours."""
+        if self._own_session:
+            self.session.close()
+        elif getattr(self, "_mounted", None) is not None:
+            assert self._mounted is not None
+            self._mounted.close()
 
 
 class _Stream:
@@ -472,6 +628,38 @@ class _Stream:
         if self._wait is not None:
             self._wait.close()
         self._response.close()
+
+
+def _default_adapter(session: requests.Session, url: str) -> bool:
+    """True if what *session* mounts for *url* is requests' own default, untouched:
+    a plain HTTPAdapter under the bare ``http://`` or ``https://`` prefix."""
+    for prefix, adapter in session.adapters.items():
+        if url.lower().startswith(prefix.lower()):
+            return prefix in ("http://", "https://") and type(adapter) is HTTPAdapter
+    return False
+
+
+def _split_fields(prepared: PreparedRequest) -> tuple[dict[str, str], list[tuple[str, str]]]:
+    """A prepared request's fields as the tunnel takes them: each name's first value,
+    and the repeated ones after."""
+    first: dict[str, str] = {}
+    seen: set[str] = set()
+    more: list[tuple[str, str]] = []
+    items: Any = prepared.headers.items()
+    for name, value in items:
+        if name.lower() in seen:
+            more.append((name, value))
+        else:
+            seen.add(name.lower())
+            first[name] = value
+    return first, more
+
+
+def _phrase(code: int) -> str:
+    try:
+        return HTTPStatus(code).phrase
+    except ValueError:
+        return ""
 
 
 def _extra_ok(extra: Any) -> bool:

@@ -29,6 +29,7 @@ import httptools
 from urllib3.util.wait import wait_for_read
 
 from ..errors import UpstreamConnectError, UpstreamProtocolError, UpstreamTimeout
+from .pool import new_connection, pool_maxsize
 
 _HEAD_RECV = 64 * 1024
 #: os.splice (Linux, Python 3.10+): a counted body can move socket to socket
@@ -471,6 +472,21 @@ class Response:
             self._conn.close()
         self.release()
 
+    # -- what requests.Response asks of its raw (see authproxy.upstream.adapter) --
+
+    def stream(self, amt: int | None = None, decode_content: bool | None = None) -> Iterator[bytes]:
+        """The body as it arrives, for :meth:`requests.Response.iter_content`.
+
+        Pieces are as large as the upstream sends them (at most the transport's
+        read size), whatever *amt*; the bytes are the upstream's, never decoded,
+        whatever *decode_content*.
+        """
+        return iter(self)
+
+    def release_conn(self) -> None:
+        """:meth:`release`, under the name :meth:`requests.Response.close` calls."""
+        self.release()
+
 
 def _phrase(status: int) -> str:
     try:
@@ -512,7 +528,7 @@ class IdleConnections:
         try:
             conn = self._idle.pop()
         except IndexError:
-            return self.pool._new_conn()
+            return new_connection(self.pool)
         if conn.sock is not None and wait_for_read(conn.sock, 0.0):  # urllib3's check
             conn.close()  # the exchange connects it again
         return conn
@@ -524,7 +540,7 @@ class IdleConnections:
             conn.close()
 
     def _new_conn(self) -> Any:
-        return self.pool._new_conn()
+        return new_connection(self.pool)
 
     def __len__(self) -> int:
         return len(self._idle)
@@ -544,13 +560,13 @@ class Transport:
     def __init__(
         self,
         pool: Any,
-        connect_timeout: float,
-        read_timeout: float,
+        connect_timeout: float | None,
+        read_timeout: float | None,
         recv_size: int = 256 * 1024,
         pool_size: int | None = None,
     ) -> None:
         #: urllib3's pool opens connections; idle ones are kept here.
-        self.pool = IdleConnections(pool, pool_size or pool.pool.maxsize)
+        self.pool = IdleConnections(pool, pool_size or pool_maxsize(pool))
         self.recv_size = recv_size
         self.connect_timeout = connect_timeout
         self.read_timeout = read_timeout
