@@ -66,15 +66,6 @@ def test_build_app_takes_a_config_or_a_mapping(upstream: Upstream) -> None:
             pipeline.close()
 
 
-def test_pool_is_sized_from_the_server_threads(upstream: Upstream) -> None:
-    pipeline = build_app(stack(upstream, server={"threads": 5}))
-    try:
-        assert pipeline.forwarder._pool.pool is not None
-        assert pipeline.forwarder._pool.pool.maxsize == 5
-    finally:
-        pipeline.close()
-
-
 def test_connection_header_is_stripped_before_any_step_injects(
     app: Pipeline, upstream: Upstream
 ) -> None:
