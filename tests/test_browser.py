@@ -16,7 +16,7 @@ from typing import Any
 
 import pytest
 
-from .live_support import PATIENCE, LiveUpstream, access_line, live_config
+from .live_support import PATIENCE, LiveUpstream, live_config
 from .support import TOKEN, Proxy
 
 CHROMIUM = "/usr/bin/chromium"
@@ -89,4 +89,4 @@ def test_a_browser_gets_its_websocket_and_event_stream_through_the_proxy(
     browser.get("about:blank")  # closes the page's WebSocket and EventSource
     live.gate("events-done").set()
     assert live.note("closed:browser").wait(PATIENCE)
-    assert access_line(proxy, "/ws/echo")["status"] == 101
+    assert proxy.access_line("/ws/echo")["status"] == 101
