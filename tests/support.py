@@ -629,9 +629,15 @@ class Proxy:
     def url(self) -> str:
         return f"http://127.0.0.1:{self.port}"
 
-    def logs(self, until: str | Callable[[str], Any] | None = None, timeout: float = 30.0) -> str:
+    def logs(
+        self,
+        until: str | Callable[[str], Any] | None = None,
+        timeout: float = 30.0,
+        what: str | None = None,
+    ) -> str:
         """The proxy's output so far; with *until* (a text, or a predicate on the
-        output), once that holds, failing after *timeout* seconds.
+        output), once that holds, failing after *timeout* seconds (the failure
+        names *what* was awaited).
 
         Access lines are written in batches, at most a tenth of a second late
         (authproxy.serve.logs.BatchingStreamHandler), and some lines come from
@@ -648,12 +654,17 @@ class Proxy:
             if holds is None or holds(text):
                 return text
             if stopped or time.monotonic() > deadline:
-                raise AssertionError(f"the log never showed {until!r}:\n{text[-3000:]}")
+                awaited = what or repr(until)
+                raise AssertionError(f"the log never showed {awaited}:\n{text[-3000:]}")
             time.sleep(0.02)
 
     def access_lines(self, count: int = 0, timeout: float = 30.0) -> list[dict[str, Any]]:
         """The access lines (JSON format) written so far, once there are at least *count*."""
-        return _wait_for_lines(self, lambda lines: len(lines) >= count, timeout)
+
+        def enough(lines: list[dict[str, Any]]) -> bool:
+            return len(lines) >= count
+
+        return _wait_for_lines(self, enough, timeout, f"{count} access lines")
 
     def access_line(
         self, path: str | None = None, *, request_id: str | None = None, timeout: float = 30.0
@@ -666,7 +677,8 @@ class Proxy:
                 request_id is None or line.get("request_id") == request_id
             )
 
-        lines = _wait_for_lines(self, lambda lines: any(map(matches, lines)), timeout)
+        what = f"an access line for path={path!r} request_id={request_id!r}"
+        lines = _wait_for_lines(self, lambda lines: any(map(matches, lines)), timeout, what)
         return [line for line in lines if matches(line)][-1]
 
     def worker_pids(self) -> list[int]:
@@ -686,7 +698,7 @@ class Proxy:
 
 
 def _wait_for_lines(
-    proxy: Proxy, condition: Callable[[list[dict[str, Any]]], bool], timeout: float
+    proxy: Proxy, condition: Callable[[list[dict[str, Any]]], bool], timeout: float, what: str
 ) -> list[dict[str, Any]]:
     """The proxy's access lines, parsed, once *condition* holds for them."""
     lines: list[dict[str, Any]] = []
@@ -696,7 +708,7 @@ def _wait_for_lines(
         lines[:] = [json.loads(x) for x in complete.splitlines() if x.startswith("{")]
         return condition(lines)
 
-    proxy.logs(until=parsed, timeout=timeout)
+    proxy.logs(until=parsed, timeout=timeout, what=what)
     return lines
 
 

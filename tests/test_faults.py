@@ -258,6 +258,7 @@ def test_malformed_upstream_answers_are_a_generic_502(
         ("/reset-mid-body-small", 502, b"Bad Gateway\n"),
         ("/stall-mid-body-small", 504, b"Gateway Timeout\n"),
     ],
+    ids=["reset-before-answer", "reset-mid-body-small", "stall-mid-body-small"],
 )
 def test_an_upstream_that_fails_before_the_status_goes_out_is_a_502_or_504(
     hostile: tuple[ScriptedUpstream, Proxy], path: str, status: int, body: bytes
