@@ -291,17 +291,21 @@ def test_identity_refused_means_no_upgrade_reaches_the_upstream(live: LiveUpstre
     assert live.requests_to("/ws/echo")[0].header("Authorization") == f"Bearer {TOKEN}"
 
 
+def upgrade_status(live: LiveUpstream, headers: dict[str, str]) -> int:
+    """The status a bare Forwarder gives an upgrade under werkzeug's test client, which
+    has no raw socket to give it."""
+    forwarder = Forwarder(live.url)
+    try:
+        return werkzeug.test.Client(forwarder).get("/ws/echo", headers=headers).status_code
+    finally:
+        forwarder.close()
+
+
 def test_without_a_raw_socket_the_upgrade_is_refused_cleanly(
     live: LiveUpstream, caplog: pytest.LogCaptureFixture
 ) -> None:
-    forwarder = Forwarder(live.url)
-    try:
-        response = werkzeug.test.Client(forwarder).get(
-            "/ws/echo", headers={"Connection": "keep-alive, Upgrade", "Upgrade": "websocket"}
-        )
-    finally:
-        forwarder.close()
-    assert response.status_code == 501
+    headers = {"Connection": "keep-alive, Upgrade", "Upgrade": "websocket"}
+    assert upgrade_status(live, headers) == 501
     assert live.seen == []
     assert any("no raw socket" in r.getMessage() for r in caplog.records)
 
@@ -416,14 +420,7 @@ def test_wss_behind_an_https_upstream_uses_the_forwarders_tls_settings(
 
 
 def test_an_unprintable_upgrade_is_a_bad_request(live: LiveUpstream) -> None:
-    forwarder = Forwarder(live.url)
-    try:
-        response = werkzeug.test.Client(forwarder).get(
-            "/ws/echo", headers={"Connection": "Upgrade", "Upgrade": "web\x7fsocket"}
-        )
-    finally:
-        forwarder.close()
-    assert response.status_code == 400
+    assert upgrade_status(live, {"Connection": "Upgrade", "Upgrade": "web\x7fsocket"}) == 400
     assert live.seen == []
 
 
