@@ -8,7 +8,6 @@ before any middleware adds a header, so that a client cannot use
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Mapping
 from typing import Any
 
 # RFC 9110 7.6.1 plus the old names that proxies still see. Keys as in environ.
@@ -26,16 +25,11 @@ HOP_BY_HOP_NAMES = frozenset(
     }
 )
 
-# Headers that make the Kubernetes API (and the dashboard) act as someone else.
-IMPERSONATION_PREFIX = "impersonate-"
-
 SANITIZED_KEY = "authproxy.sanitized"
 UPGRADE_KEY = "authproxy.upgrade"
 TE_TRAILERS_KEY = "authproxy.te_trailers"
 REQUEST_CHUNKED_KEY = "authproxy.request_chunked"
 REQUEST_CODINGS_KEY = "authproxy.request_codings"
-
-_CTL = frozenset("\r\n\0")
 
 
 def environ_key(name: str) -> str:
@@ -117,24 +111,3 @@ def sanitize(environ: dict[str, Any], *, strip_impersonation: bool = True) -> No
     if strip_impersonation:
         for key in [k for k in environ if k.startswith("HTTP_IMPERSONATE_")]:
             del environ[key]
-
-
-def request_headers(environ: Mapping[str, Any]) -> Iterable[tuple[str, str]]:
-    """The end-to-end request headers of *environ*, as (name, value) pairs."""
-    for key, value in environ.items():
-        if key.startswith("HTTP_"):
-            yield header_name(key), value
-    if environ.get("CONTENT_TYPE"):
-        yield "Content-Type", environ["CONTENT_TYPE"]
-    if environ.get("CONTENT_LENGTH"):
-        yield "Content-Length", environ["CONTENT_LENGTH"]
-
-
-def filter_response_headers(headers: Iterable[tuple[str, str]]) -> list[tuple[str, str]]:
-    """Drop hop-by-hop headers (fixed list and ``Connection`` names) from a response."""
-    items = list(headers)
-    drop = set(HOP_BY_HOP_NAMES)
-    for name, value in items:
-        if name.lower() == "connection":
-            drop.update(connection_tokens(value))
-    return [(n, v) for n, v in items if n.lower() not in drop]

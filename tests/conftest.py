@@ -1,13 +1,14 @@
 from __future__ import annotations
 
 import logging
-from collections.abc import Callable, Iterator
-from typing import Any
+from collections.abc import Callable, Iterator, Sequence
+from typing import Any, Protocol
 
 import pytest
 
 from authproxy.secrets import registered_secrets
 
+from .jwks import AUDIENCE, TEAM_DOMAIN, SigningKey
 from .support import TOKEN, Proxy, Upstream
 
 
@@ -36,12 +37,52 @@ def start_proxy() -> Iterator[Callable[..., Proxy]]:
         assert TOKEN not in logs, "the injected token reached the proxy's log"
 
 
+@pytest.fixture(scope="module")
+def key() -> SigningKey:
+    """The RSA key the test module's key endpoint publishes."""
+    return SigningKey("RSA")
+
+
+@pytest.fixture(scope="module")
+def other_key() -> SigningKey:
+    """A real RSA key that the key endpoint does not publish (until a test rotates to it)."""
+    return SigningKey("RSA")
+
+
 def bearer_config(upstream: Upstream, **upstream_options: Any) -> dict[str, Any]:
     """The usual test stack: JSON access log and the test token injected."""
     return {
         "upstream": {"url": upstream.url, **upstream_options},
         "pipeline": [
             {"use": "access-log", "format": "json"},
+            {"use": "inject-headers", "set": {"Authorization": f"Bearer {TOKEN}"}},
+        ],
+    }
+
+
+class Served(Protocol):
+    @property
+    def url(self) -> str: ...
+
+
+def identity_config(
+    upstream: Served, certs_url: str, *, then: Sequence[dict[str, Any]] = (), **identity: Any
+) -> dict[str, Any]:
+    """access-log -> identity (options *identity*) -> the steps *then* -> inject-headers
+    (the test token) -> upstream; the identity step trusts tests/jwks.py's team and
+    audience, with its keys from *certs_url*."""
+    return {
+        "upstream": {"url": upstream.url},
+        "pipeline": [
+            {"use": "access-log", "format": "json"},
+            {
+                "use": "identity",
+                "team_domain": TEAM_DOMAIN,
+                "audience": [AUDIENCE],
+                "certs_url": certs_url,
+                **identity,
+            },
+            *then,
             {"use": "inject-headers", "set": {"Authorization": f"Bearer {TOKEN}"}},
         ],
     }

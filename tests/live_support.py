@@ -402,18 +402,6 @@ def live_config(upstream: LiveUpstream, token: str, **upstream_options: Any) -> 
     }
 
 
-def access_line(proxy: Any, path: str, timeout: float = PATIENCE) -> dict[str, Any]:
-    """The proxy's access-log line for *path*, once written (a tunnel's when it ends)."""
-    deadline = time.monotonic() + timeout
-    while True:
-        lines = [line for line in proxy.access_lines() if line.get("path") == path]
-        if lines:
-            return lines[-1]
-        if time.monotonic() > deadline:
-            raise AssertionError(f"no access-log line for {path}:\n{proxy.logs()[-3000:]}")
-        time.sleep(0.05)
-
-
 def read_head(sock: socket.socket) -> tuple[bytes, bytes]:
     """Read a response head from a raw socket: (head, whatever came after it)."""
     data = b""

@@ -629,21 +629,57 @@ class Proxy:
     def url(self) -> str:
         return f"http://127.0.0.1:{self.port}"
 
-    def logs(self) -> str:
-        """The proxy's output so far. Access lines are written in batches at most
-        0.1 s late (authproxy.serve.logs.BatchingStreamHandler): wait those out first."""
-        if self.process.poll() is None:
-            time.sleep(0.3)
-        if not self._log.closed:
-            self._log.flush()
-        return self.log_path.read_text(errors="replace")
+    def logs(
+        self,
+        until: str | Callable[[str], Any] | None = None,
+        timeout: float = 30.0,
+        what: str | None = None,
+    ) -> str:
+        """The proxy's output so far; with *until* (a text, or a predicate on the
+        output), once that holds, failing after *timeout* seconds (the failure
+        names *what* was awaited).
 
-    def access_lines(self) -> list[dict[str, Any]]:
-        out = []
-        for line in self.logs().splitlines():
-            if line.startswith("{"):
-                out.append(json.loads(line))
-        return out
+        Access lines are written in batches, at most a tenth of a second late
+        (authproxy.serve.logs.BatchingStreamHandler), and some lines come from
+        background threads: wait for what the test expects, not for a while.
+        Once the proxy has stopped, everything is written.
+        """
+        holds = (lambda text: until in text) if isinstance(until, str) else until
+        deadline = time.monotonic() + timeout
+        while True:
+            stopped = self.process.poll() is not None
+            if not self._log.closed:
+                self._log.flush()
+            text = self.log_path.read_text(errors="replace")
+            if holds is None or holds(text):
+                return text
+            if stopped or time.monotonic() > deadline:
+                awaited = what or repr(until)
+                raise AssertionError(f"the log never showed {awaited}:\n{text[-3000:]}")
+            time.sleep(0.02)
+
+    def access_lines(self, count: int = 0, timeout: float = 30.0) -> list[dict[str, Any]]:
+        """The access lines (JSON format) written so far, once there are at least *count*."""
+
+        def enough(lines: list[dict[str, Any]]) -> bool:
+            return len(lines) >= count
+
+        return _wait_for_lines(self, enough, timeout, f"{count} access lines")
+
+    def access_line(
+        self, path: str | None = None, *, request_id: str | None = None, timeout: float = 30.0
+    ) -> dict[str, Any]:
+        """The last access line for *path* and/or *request_id*, once written (a
+        tunnel's when it ends)."""
+
+        def matches(line: dict[str, Any]) -> bool:
+            return (path is None or line.get("path") == path) and (
+                request_id is None or line.get("request_id") == request_id
+            )
+
+        what = f"an access line for path={path!r} request_id={request_id!r}"
+        lines = _wait_for_lines(self, lambda lines: any(map(matches, lines)), timeout, what)
+        return [line for line in lines if matches(line)][-1]
 
     def worker_pids(self) -> list[int]:
         children = Path(f"/proc/{self.process.pid}/task/{self.process.pid}/children")
@@ -659,6 +695,21 @@ class Proxy:
                 self.process.wait()
         self._log.close()
         return self.process.returncode
+
+
+def _wait_for_lines(
+    proxy: Proxy, condition: Callable[[list[dict[str, Any]]], bool], timeout: float, what: str
+) -> list[dict[str, Any]]:
+    """The proxy's access lines, parsed, once *condition* holds for them."""
+    lines: list[dict[str, Any]] = []
+
+    def parsed(text: str) -> bool:
+        complete = text[: text.rfind("\n") + 1]  # a batch may be half written
+        lines[:] = [json.loads(x) for x in complete.splitlines() if x.startswith("{")]
+        return condition(lines)
+
+    proxy.logs(until=parsed, timeout=timeout, what=what)
+    return lines
 
 
 def rss_kib(pid: int) -> int:

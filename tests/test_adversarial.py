@@ -57,6 +57,7 @@ class Stack:
             threads=4,
         )
         self._log_mark = 0
+        self._markers = 0
 
     def token(self, **overrides: Any) -> str:
         return self.key.sign(claims(**overrides))
@@ -70,11 +71,22 @@ class Stack:
             lines.append(f"{JWT_HEADER}: {self.token()}")
         return ("\r\n".join(lines) + "\r\n\r\n").encode("latin-1") + body
 
+    def settled_logs(self) -> str:
+        """The proxy's log once every line logged so far is written: a marker request
+        (refused, it has no token) goes through the one worker and its access line is
+        written after those."""
+        self._markers += 1
+        marker = f"/log-marker/{self._markers}"
+        request = f"GET {marker} HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n"
+        assert raw_request(self.proxy.port, request.encode()).status == 401
+        self.proxy.access_line(marker)
+        return self.proxy.logs()
+
     def mark(self) -> None:
-        self._log_mark = len(self.proxy.logs())
+        self._log_mark = len(self.settled_logs())
 
     def new_logs(self) -> str:
-        return self.proxy.logs()[self._log_mark :]
+        return self.settled_logs()[self._log_mark :]
 
     def stop(self) -> None:
         self.proxy.stop()

@@ -19,7 +19,7 @@ from typing import Any
 
 import pytest
 
-from .live_support import PATIENCE, LiveUpstream, access_line, live_config
+from .live_support import PATIENCE, LiveUpstream, live_config
 from .support import TOKEN, Proxy
 
 CHROMIUM = "/usr/bin/chromium"
@@ -92,7 +92,7 @@ def test_a_browser_gets_its_websocket_and_event_stream_through_the_proxy(
     browser.get("about:blank")  # closes the page's WebSocket and EventSource
     live.gate("events-done").set()
     assert live.note("closed:browser").wait(PATIENCE)
-    assert access_line(proxy, "/ws/echo")["status"] == 101
+    assert proxy.access_line("/ws/echo")["status"] == 101
 
 
 # -- another origin's page cannot act through the proxy ----------------------------------
@@ -186,7 +186,7 @@ def test_a_page_on_another_origin_cannot_post_or_open_a_websocket_through_the_pr
         browser.get(other_origin(attack_page(proxy.url, "xsite")))
         assert outcome() == ("opaque", "failed")
         for path in ("/attack/post", "/ws/echo"):
-            line = access_line(proxy, path)
+            line = proxy.access_line(path)
             assert line["status"] == 403 and line["refusal"].startswith("cross-origin"), line
         assert live.requests_to("/attack/post") == [] and live.requests_to("/ws/echo") == []
 

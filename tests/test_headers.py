@@ -16,10 +16,8 @@ from authproxy.headers import (
     UPGRADE_KEY,
     connection_tokens,
     environ_key,
-    filter_response_headers,
     has_ctl,
     header_name,
-    request_headers,
     sanitize,
 )
 
@@ -179,31 +177,3 @@ def test_sanitize_leaves_non_header_keys_alone() -> None:
     env = base_environ(HTTP_CONNECTION="PATH_INFO, wsgi.url_scheme")
     sanitize(env)
     assert env["PATH_INFO"] == "/" and env["wsgi.url_scheme"] == "http"
-
-
-def test_filter_response_headers() -> None:
-    headers = [
-        ("Content-Type", "text/html"),
-        ("Set-Cookie", "a=1"),
-        ("connection", "X-Hop, close"),
-        ("X-Hop", "1"),
-        ("Keep-Alive", "timeout=5"),
-        ("Transfer-Encoding", "chunked"),
-        ("Trailer", "X-Sum"),
-        ("Upgrade", "h2c"),
-        ("Proxy-Authenticate", "Basic"),
-        ("Set-Cookie", "b=2"),
-        ("X-End", "1"),
-    ]
-    assert filter_response_headers(headers) == [
-        ("Content-Type", "text/html"),
-        ("Set-Cookie", "a=1"),
-        ("Set-Cookie", "b=2"),
-        ("X-End", "1"),
-    ]
-    assert filter_response_headers(iter([("A", "1")])) == [("A", "1")]
-
-
-def test_request_headers() -> None:
-    env = base_environ(HTTP_X_A="1", CONTENT_TYPE="text/plain", CONTENT_LENGTH="")
-    assert sorted(request_headers(env)) == [("Content-Type", "text/plain"), ("X-A", "1")]

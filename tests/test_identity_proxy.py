@@ -15,9 +15,8 @@ from typing import Any
 import pytest
 import requests
 
+from .conftest import identity_config
 from .jwks import (
-    AUDIENCE,
-    TEAM_DOMAIN,
     JwksServer,
     SigningKey,
     claims,
@@ -29,34 +28,6 @@ from .jwks import (
 from .support import TOKEN, Proxy, Upstream, assert_no_secret
 
 HEADER = "Cf-Access-Jwt-Assertion"
-
-
-def identity_config(upstream: Upstream, certs_url: str, **identity: Any) -> dict[str, Any]:
-    """access-log -> identity -> inject-headers (the test token) -> upstream."""
-    return {
-        "upstream": {"url": upstream.url},
-        "pipeline": [
-            {"use": "access-log", "format": "json"},
-            {
-                "use": "identity",
-                "team_domain": TEAM_DOMAIN,
-                "audience": [AUDIENCE],
-                "certs_url": certs_url,
-                **identity,
-            },
-            {"use": "inject-headers", "set": {"Authorization": f"Bearer {TOKEN}"}},
-        ],
-    }
-
-
-@pytest.fixture(scope="module")
-def key() -> SigningKey:
-    return SigningKey("RSA")
-
-
-@pytest.fixture(scope="module")
-def other_key() -> SigningKey:
-    return SigningKey("RSA")
 
 
 @pytest.fixture(scope="module")
@@ -88,17 +59,6 @@ def send(proxy: Proxy, path: str = "/", token: str | None = None, **headers: str
     response = requests.get(proxy.url + path, headers=headers, timeout=30)
     assert_no_secret(response)
     return response, request_id
-
-
-def access_line(proxy: Proxy, request_id: str) -> dict[str, Any]:
-    """The access log line of one request (written when its response is done)."""
-    deadline = time.monotonic() + 15
-    while time.monotonic() < deadline:
-        for line in proxy.access_lines():
-            if line.get("request_id") == request_id:
-                return line
-        time.sleep(0.05)
-    raise AssertionError(f"no access log line for {request_id}:\n{proxy.logs()}")
 
 
 def _now() -> int:
@@ -139,7 +99,7 @@ def test_accepted_requests_reach_the_upstream_with_the_identity(
         assert seen.header("X-Auth-Request-Email") == "alice@example.com"
         assert seen.header("X-Auth-Request-User") == "alice@example.com"
         expected_identity = "alice@example.com"
-    line = access_line(proxy, request_id)
+    line = proxy.access_line(request_id=request_id)
     assert (line["status"], line["identity"], line["refusal"]) == (200, expected_identity, None)
 
 
@@ -205,7 +165,7 @@ def test_refused_requests_never_reach_the_upstream(
     assert response.text in ("Unauthorized\n", "Forbidden\n")
     # Nothing reached the upstream: not the request, not the injected Authorization.
     assert len(upstream.seen) == before
-    line = access_line(proxy, request_id)
+    line = proxy.access_line(request_id=request_id)
     assert (line["status"], line["refusal"], line["identity"]) == (status, reason, None)
     logs = proxy.logs()
     for value in headers.values():
@@ -231,7 +191,6 @@ def jwks(key: SigningKey) -> Iterator[JwksServer]:
 
 
 #: No scheduled refresh and one unknown-kid refetch per hour during a test.
-SLOW_KEYS = {"keys_min_refetch_interval": 3600, "keys_refresh_interval": 3600}
 
 
 def _warm_up(proxy: Proxy, upstream: Upstream, key: SigningKey) -> None:
@@ -241,15 +200,21 @@ def _warm_up(proxy: Proxy, upstream: Upstream, key: SigningKey) -> None:
     assert upstream.last().header("Authorization") == f"Bearer {TOKEN}"
 
 
-def test_rotated_key_is_accepted_after_one_refetch(
-    start_proxy: Callable[..., Proxy],
-    upstream: Upstream,
-    jwks: JwksServer,
-    key: SigningKey,
-    other_key: SigningKey,
-) -> None:
-    proxy = start_proxy(identity_config(upstream, jwks.url, **SLOW_KEYS))
+@pytest.fixture
+def warm_proxy(
+    start_proxy: Callable[..., Proxy], upstream: Upstream, jwks: JwksServer, key: SigningKey
+) -> Proxy:
+    """A proxy that fetches keys at most once an hour, past its first accepted request."""
+    hourly = {"keys_min_refetch_interval": 3600, "keys_refresh_interval": 3600}
+    proxy = start_proxy(identity_config(upstream, jwks.url, **hourly))
     _warm_up(proxy, upstream, key)
+    return proxy
+
+
+def test_rotated_key_is_accepted_after_one_refetch(
+    warm_proxy: Proxy, upstream: Upstream, jwks: JwksServer, other_key: SigningKey
+) -> None:
+    proxy = warm_proxy
     baseline = jwks.hits
     jwks.rotate(other_key)
     response, _ = send(proxy, token=other_key.sign(claims()))
@@ -259,14 +224,9 @@ def test_rotated_key_is_accepted_after_one_refetch(
 
 
 def test_a_flood_of_unknown_kids_is_rate_limited(
-    start_proxy: Callable[..., Proxy],
-    upstream: Upstream,
-    jwks: JwksServer,
-    key: SigningKey,
-    other_key: SigningKey,
+    warm_proxy: Proxy, upstream: Upstream, jwks: JwksServer, other_key: SigningKey
 ) -> None:
-    proxy = start_proxy(identity_config(upstream, jwks.url, **SLOW_KEYS))
-    _warm_up(proxy, upstream, key)
+    proxy = warm_proxy
     baseline, forwarded = jwks.hits, len(upstream.seen)
 
     def junk(i: int) -> int:
@@ -300,7 +260,7 @@ def test_key_endpoint_down_after_warm_up_still_accepts(
     response, _ = send(proxy, token=key.sign(claims(jti="during the outage")))
     assert response.status_code == 200
     assert upstream.last().header("X-Auth-Request-Email") == "alice@example.com"
-    assert "keeping the last good set" in proxy.logs()
+    proxy.logs(until="keeping the last good set")
 
 
 def test_key_endpoint_down_from_the_start_refuses_but_health_answers(
@@ -311,11 +271,11 @@ def test_key_endpoint_down_from_the_start_refuses_but_health_answers(
     response, request_id = send(proxy, token=key.sign(claims()))
     assert response.status_code == 403
     assert upstream.seen == []
-    assert access_line(proxy, request_id)["refusal"] == "no signing keys"
+    assert proxy.access_line(request_id=request_id)["refusal"] == "no signing keys"
     health, _ = send(proxy, "/healthz")
     assert health.status_code == 200
     # Not ready while it can only refuse: Kubernetes routes no traffic to it.
     ready, _ = send(proxy, "/readyz")
     assert ready.status_code == 503
     assert upstream.seen == []
-    assert "no keys, refusing every request" in proxy.logs()
+    proxy.logs(until="no keys, refusing every request")

@@ -13,7 +13,6 @@ import json
 import secrets
 import subprocess
 import sys
-import time
 from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
@@ -22,6 +21,7 @@ from typing import Any
 import pytest
 import requests
 
+from .conftest import identity_config
 from .impersonation import IDENTITY_PATH, AccessIdentity, ApiServerLike
 from .jwks import AUDIENCE, TEAM_DOMAIN, JwksServer, SigningKey, claims, service_claims
 from .support import TOKEN, Proxy, assert_no_secret, raw_request, write_toml
@@ -37,26 +37,8 @@ def config(
     impersonate: dict[str, Any] | None = None,
 ) -> dict[str, Any]:
     """access-log -> identity -> impersonate -> inject-headers (the test token) -> upstream."""
-    return {
-        "upstream": {"url": upstream.url},
-        "pipeline": [
-            {"use": "access-log", "format": "json"},
-            {
-                "use": "identity",
-                "team_domain": TEAM_DOMAIN,
-                "audience": [AUDIENCE],
-                "certs_url": certs_url,
-                **identity,
-            },
-            {"use": "impersonate", **(impersonate or {})},
-            {"use": "inject-headers", "set": {"Authorization": f"Bearer {TOKEN}"}},
-        ],
-    }
-
-
-@pytest.fixture(scope="module")
-def key() -> SigningKey:
-    return SigningKey("RSA")
+    step = {"use": "impersonate", **(impersonate or {})}
+    return identity_config(upstream, certs_url, then=[step], **identity)
 
 
 @pytest.fixture(scope="module")
@@ -140,14 +122,16 @@ def get(proxy: Proxy, path: str = "/api/v1/namespaces", **headers: str) -> tuple
     return response, request_id
 
 
-def access_line(proxy: Proxy, request_id: str) -> dict[str, Any]:
-    deadline = time.monotonic() + 15
-    while time.monotonic() < deadline:
-        for line in proxy.access_lines():
-            if line.get("request_id") == request_id:
-                return line
-        time.sleep(0.05)
-    raise AssertionError(f"no access log line for {request_id}:\n{proxy.logs()}")
+def refusal(
+    proxy: Proxy, apiserver: ApiServerLike, path: str = "/api/v1/namespaces", **headers: str
+) -> str:
+    """Send a request the proxy must refuse (403) before the API server; the refusal
+    its access line gives."""
+    before = len(apiserver.seen)
+    response, request_id = get(proxy, path, **headers)
+    assert response.status_code == 403
+    assert len(apiserver.seen) == before
+    return str(proxy.access_line(request_id=request_id)["refusal"])
 
 
 def fresh(key: SigningKey, **overrides: Any) -> str:
@@ -235,12 +219,8 @@ def test_forged_impersonation_headers_never_pass_in_any_casing(
 def test_a_group_name_with_a_line_break_is_refused(
     claim_proxy: Proxy, apiserver: ApiServerLike, key: SigningKey
 ) -> None:
-    before = len(apiserver.seen)
     token = fresh(key, groups=["dev", "sre\r\nImpersonate-Group: system:masters"])
-    response, request_id = get(claim_proxy, **{HEADER: token})
-    assert response.status_code == 403
-    assert len(apiserver.seen) == before
-    assert access_line(claim_proxy, request_id)["refusal"] == (
+    assert refusal(claim_proxy, apiserver, **{HEADER: token}) == (
         "impersonate: Impersonate-Group would hold CR, LF or NUL"
     )
     assert "Impersonate-Group would hold CR, LF or NUL; request refused" in claim_proxy.logs()
@@ -249,11 +229,8 @@ def test_a_group_name_with_a_line_break_is_refused(
 def test_a_groups_claim_that_is_not_names_is_refused(
     claim_proxy: Proxy, apiserver: ApiServerLike, key: SigningKey
 ) -> None:
-    before = len(apiserver.seen)
-    response, request_id = get(claim_proxy, **{HEADER: fresh(key, groups=[{"name": "sre"}])})
-    assert response.status_code == 403
-    assert len(apiserver.seen) == before
-    assert access_line(claim_proxy, request_id)["refusal"] == (
+    token = fresh(key, groups=[{"name": "sre"}])
+    assert refusal(claim_proxy, apiserver, **{HEADER: token}) == (
         "claim 'groups' is not a list of group names"
     )
 
@@ -261,11 +238,9 @@ def test_a_groups_claim_that_is_not_names_is_refused(
 def test_a_skipped_path_is_refused_without_an_identity_by_default(
     claim_proxy: Proxy, apiserver: ApiServerLike
 ) -> None:
-    before = len(apiserver.seen)
-    response, request_id = get(claim_proxy, "/public/logo.svg")
-    assert response.status_code == 403
-    assert len(apiserver.seen) == before
-    assert access_line(claim_proxy, request_id)["refusal"] == "impersonate: no verified identity"
+    assert refusal(claim_proxy, apiserver, "/public/logo.svg") == (
+        "impersonate: no verified identity"
+    )
 
 
 def test_without_require_identity_a_skipped_path_goes_with_no_impersonation(
@@ -353,12 +328,10 @@ def test_a_burst_with_one_new_token_asks_access_once(
 def test_allow_groups_admits_a_listed_group_and_refuses_others(
     access_proxy: Proxy, apiserver: ApiServerLike, key: SigningKey
 ) -> None:
-    before = len(apiserver.seen)
-    response, request_id = get(access_proxy, **{HEADER: fresh(key, email="carol@example.com")})
-    assert response.status_code == 403
-    assert len(apiserver.seen) == before
-    line = access_line(access_proxy, request_id)
-    assert line["refusal"] == "not allowed by policy: carol@example.com"
+    token = fresh(key, email="carol@example.com")
+    assert refusal(access_proxy, apiserver, **{HEADER: token}) == (
+        "not allowed by policy: carol@example.com"
+    )
     # alice is not listed by address: her group sre admits her.
     response, _ = get(access_proxy, **{HEADER: fresh(key)})
     assert response.status_code == 200
@@ -372,11 +345,8 @@ def test_allow_groups_admits_a_listed_group_and_refuses_others(
 def test_a_group_name_from_access_with_a_line_break_is_refused(
     access_proxy: Proxy, apiserver: ApiServerLike, key: SigningKey
 ) -> None:
-    before = len(apiserver.seen)
-    response, request_id = get(access_proxy, **{HEADER: fresh(key, email="eve@example.com")})
-    assert response.status_code == 403
-    assert len(apiserver.seen) == before
-    assert "CR, LF or NUL" in access_line(access_proxy, request_id)["refusal"]
+    token = fresh(key, email="eve@example.com")
+    assert "CR, LF or NUL" in refusal(access_proxy, apiserver, **{HEADER: token})
 
 
 @pytest.mark.parametrize(
@@ -406,7 +376,7 @@ def test_an_access_outage_refuses_with_503_and_says_why(
     assert response.status_code == 503
     assert response.text == "Service Unavailable\n"
     assert len(apiserver.seen) == before
-    assert access_line(access_proxy, request_id)["refusal"].startswith(reason)
+    assert access_proxy.access_line(request_id=request_id)["refusal"].startswith(reason)
     assert f"cannot fetch groups from {access.url}: {reason.split(': ', 1)[1]}" in (
         access_proxy.logs()
     )

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import logging
 import os
-import time
 from pathlib import Path
 from typing import Any
 
@@ -147,40 +146,52 @@ def test_dollar_escape_is_literal() -> None:
     assert Template("cost: $$5", key="k").constant == "cost: $5"
 
 
+class TokenFile:
+    """A token file and InjectHeaders sending it as a bearer token, with a recording app."""
+
+    def __init__(self, tmp_path: Path, value: str, check_interval: float) -> None:
+        self.path = tmp_path / "token"
+        self.path.write_text(value)
+        self.inner = Recorder()
+        app = InjectHeaders(
+            self.inner,
+            set={"Authorization": f"Bearer ${{file:{self.path}}}"},
+            file_check_interval=check_interval,
+        )
+        self.client = Client(app)
+
+    def sent(self) -> str:
+        """The Authorization header of one request, as the inner app got it."""
+        self.client.get("/")
+        return str(self.inner.environ["HTTP_AUTHORIZATION"])
+
+    def rotate(self, value: str) -> None:
+        """Swap the file as Kubernetes does: a new inode via a rename."""
+        fresh = self.path.with_name("token.new")
+        fresh.write_text(value)
+        os.replace(fresh, self.path)
+
+
 def test_file_source_follows_rotation(tmp_path: Path) -> None:
-    token = tmp_path / "token"
-    token.write_text("first-token-value\n")
-    inner = Recorder()
-    app = InjectHeaders(
-        inner, set={"Authorization": f"Bearer ${{file:{token}}}"}, file_check_interval=0.05
-    )
-    client = Client(app)
-    client.get("/")
-    assert inner.environ["HTTP_AUTHORIZATION"] == "Bearer first-token-value"
-    # Kubernetes swaps the file (a new inode via a symlink flip); do the same.
-    fresh = tmp_path / "token.new"
-    fresh.write_text("second-token-value")
-    os.replace(fresh, token)
-    time.sleep(0.1)
-    client.get("/")
-    assert inner.environ["HTTP_AUTHORIZATION"] == "Bearer second-token-value"
+    token = TokenFile(tmp_path, "first-token-value\n", check_interval=0)  # looked at every time
+    assert token.sent() == "Bearer first-token-value"
+    token.rotate("second-token-value")
+    assert token.sent() == "Bearer second-token-value"
+
+
+def test_file_is_looked_at_once_per_check_interval(tmp_path: Path) -> None:
+    token = TokenFile(tmp_path, "first-token-value\n", check_interval=3600)
+    token.rotate("second-token-value")
+    assert token.sent() == "Bearer first-token-value"
 
 
 def test_vanished_file_keeps_last_value_and_warns_once(
     tmp_path: Path, caplog: pytest.LogCaptureFixture
 ) -> None:
-    token = tmp_path / "token"
-    token.write_text("kept-token-value")
-    inner = Recorder()
-    app = InjectHeaders(
-        inner, set={"Authorization": f"Bearer ${{file:{token}}}"}, file_check_interval=0.01
-    )
-    client = Client(app)
-    token.unlink()
+    token = TokenFile(tmp_path, "kept-token-value", check_interval=0)
+    token.path.unlink()
     for _ in range(3):
-        time.sleep(0.02)
-        client.get("/")
-        assert inner.environ["HTTP_AUTHORIZATION"] == "Bearer kept-token-value"
+        assert token.sent() == "Bearer kept-token-value"
     warnings = [r for r in caplog.records if "keeping the last good value" in r.getMessage()]
     assert len(warnings) == 1
     assert "kept-token-value" not in warnings[0].getMessage()

@@ -74,7 +74,7 @@ def test_go_sidecar_environment_injects_bearer_and_logs_one_json_line_per_reques
     statuses = [get(proxy, p).status_code for p in paths]
     assert statuses == [200, 404, 200]
     assert [s.header("Authorization") for s in upstream.seen] == [BEARER] * 3
-    lines = wait_until(lambda: len(proxy.access_lines()) >= 3 and proxy.access_lines())
+    lines = proxy.access_lines(count=3)
     # Each worker writes its lines in batches: across workers, in any order.
     assert sorted((line["path"], line["status"]) for line in lines) == [
         ("/api/v1/login", 200),
@@ -95,7 +95,7 @@ def test_config_file_is_found(start_proxy: StartProxy, upstream: Upstream, via: 
     assert get(proxy, "/hello").text == "ok"
     assert [s.target for s in upstream.seen] == ["/hello"]
     assert upstream.last().header("Authorization") == BEARER
-    wait_until(lambda: any(line["path"] == "/hello" for line in proxy.access_lines()))
+    assert proxy.access_line("/hello")["status"] == 200
 
 
 # -- the request target ------------------------------------------------------------
@@ -415,6 +415,7 @@ def test_tls_verify_false_works_and_warns_once(
     for _ in range(3):
         assert get(proxy, "/unverified").status_code == 200
     assert tls_upstream.last().header("Authorization") == BEARER
+    proxy.stop()
     warnings = [line for line in proxy.logs().splitlines() if "verification" in line.lower()]
     assert len(warnings) == 1, warnings
     assert "WARNING" in warnings[0]
@@ -650,6 +651,7 @@ def test_upstream_framing_errors_do_not_reach_the_client(
         proxy = start_proxy({"upstream": {"url": f"http://127.0.0.1:{listener.getsockname()[1]}"}})
         response = raw(proxy.port, b"GET / HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n")
         assert (response.status, response.body) == (status, body)
+        proxy.stop()
         assert "Traceback" not in proxy.logs()
     finally:
         thread.join(10)

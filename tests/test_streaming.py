@@ -13,7 +13,7 @@ from urllib.parse import urlencode
 
 import pytest
 
-from .live_support import PATIENCE, LiveUpstream, access_line, live_config, make_tls
+from .live_support import PATIENCE, LiveUpstream, live_config, make_tls
 from .support import TOKEN, Proxy
 
 WORKERS = ["authproxy", "gthread", "gevent"]
@@ -135,7 +135,7 @@ def test_a_departed_client_closes_the_upstream_response(
         response.close()
     # The client has gone away.
     assert live.note(f"gone:{name}").wait(10.0), "the upstream still holds the response"
-    line = access_line(proxy, "/quiet")
+    line = proxy.access_line("/quiet")
     if mode == "quiet":  # noticed while waiting (else a write may fail first, in the server)
         assert line["aborted"] == "ClientGone"
 
