@@ -122,6 +122,7 @@ class Loop:
         os.set_blocking(self._wake_r, False)
         os.set_blocking(self._wake_w, False)
         self._sleeping = False
+        self._dozing = False
         self._next_expiry = 0.0
         seconds = int(worker.body_timeout)
         #: SO_RCVTIMEO / SO_SNDTIMEO for client sockets: a thread's reads and
@@ -158,10 +159,13 @@ class Loop:
 
     def _turn(self) -> None:
         """Wait for events at most one tick, handle them, then the deadlines."""
-        timeout = PATIENCE if self.busy else TICK
-        self._sleeping = True  # before looking: a request taken up after the look wakes it
-        events = self.poller.poll(0.0 if self.done else timeout)
-        self._sleeping = False
+        # While a request is on duty the loop looks every PATIENCE seconds, to
+        # hand a slow request's duty to a spare thread; otherwise it dozes, and
+        # the first request taken up wakes it.
+        self._dozing = not self.busy  # before looking: a request taken up after it wakes us
+        self._sleeping = True
+        events = self.poller.poll(0.0 if self.done else TICK if self._dozing else PATIENCE)
+        self._sleeping = self._dozing = False
         for handler, mask in events:
             handler(mask)
         while self.done:
@@ -282,7 +286,8 @@ class Loop:
             if client is None:
                 return
             busy[me] = time.monotonic()
-            if self._sleeping:  # the loop sleeps long while no request is on duty
+            if self._dozing:
+                self._dozing = False
                 self.call_soon(_nothing)
             outcome: Any = None
             try:
