@@ -229,11 +229,12 @@ _REASONS = {
 }
 
 
-def _phrase(code: int) -> str:
+def status_phrase(code: int) -> str:
+    """The usual reason phrase of *code* (``"Bad Gateway"``), or ``""`` if it has none."""
     try:
         return HTTPStatus(code).phrase
     except ValueError:
-        return "Error"
+        return ""
 
 
 def plain_response(
@@ -244,7 +245,7 @@ def plain_response(
     exc_info: Any = None,
 ) -> list[bytes]:
     """Answer with a short text body (default: the status phrase)."""
-    phrase = _REASONS.get(code) or _phrase(code)
+    phrase = _REASONS.get(code) or status_phrase(code) or "Error"
     data = ((body if body is not None else phrase) + "\n").encode()
     start_response(
         f"{code} {phrase}",

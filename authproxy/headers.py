@@ -67,6 +67,18 @@ def connection_tokens(value: str) -> list[str]:
     return [t.strip().lower() for t in value.split(",") if t.strip()]
 
 
+def end_to_end(
+    headers: list[tuple[str, str]], also: frozenset[str] = frozenset()
+) -> list[tuple[str, str]]:
+    """*headers* without their hop-by-hop fields: the fixed list, the names in
+    *also* (lower case) and every name a ``Connection`` field lists."""
+    drop = HOP_BY_HOP_NAMES | also
+    for name, value in headers:
+        if name.lower() == "connection":
+            drop = drop.union(connection_tokens(value))
+    return [(name, value) for name, value in headers if name.lower() not in drop]
+
+
 def sanitize(environ: dict[str, Any], *, strip_impersonation: bool = True) -> None:
     """Remove hop-by-hop and impersonation headers from *environ*, once.
 

@@ -18,7 +18,6 @@ import threading
 import time
 import warnings
 from collections.abc import Callable, Iterable, Iterator
-from http import HTTPStatus
 from typing import TYPE_CHECKING, Any
 from urllib.parse import quote, urlsplit
 
@@ -30,14 +29,13 @@ from urllib3 import HTTPHeaderDict
 from urllib3.exceptions import InsecureRequestWarning
 from urllib3.util import SKIP_HEADER
 
-from ..context import EXTRA_HEADERS
+from ..context import EXTRA_HEADERS, UPSTREAM_MS, UPSTREAM_URL, plain_response, status_phrase
 from ..errors import ConfigError, UpstreamError, UpstreamTimeout
 from ..headers import (
-    HOP_BY_HOP_NAMES,
     REQUEST_CHUNKED_KEY,
     REQUEST_CODINGS_KEY,
     UPGRADE_KEY,
-    connection_tokens,
+    end_to_end,
     has_ctl,
     header_name,
     sanitize,
@@ -54,8 +52,9 @@ if TYPE_CHECKING:
 
 log = logging.getLogger("authproxy.forwarder")
 
-UPSTREAM_MS_KEY = "authproxy.upstream_ms"
-UPSTREAM_URL_KEY = "authproxy.upstream_url"
+#: Kept under these names for code that imported them from here.
+UPSTREAM_MS_KEY = UPSTREAM_MS
+UPSTREAM_URL_KEY = UPSTREAM_URL
 
 #: Bodies up to this size with a known length are read whole before the
 #: response starts (one write, and an upstream failure is still a clean 502).
@@ -67,19 +66,10 @@ _STREAMING_TYPES = ("text/event-stream",)
 _ECHO_METHODS = frozenset({"TRACE", "TRACK"})
 # Hop-by-hop headers, and the two that every WSGI server writes itself
 # (a second Date or Server would repeat a singleton field).
-_NOT_RELAYED = HOP_BY_HOP_NAMES | {"date", "server"}
+_NOT_RELAYED = frozenset({"date", "server"})
 #: Upstreams already warned about (tls_verify = false). ``authproxy serve`` builds
 #: the app once before forking, so its workers inherit this and stay quiet.
 _WARNED_INSECURE: set[str] = set()
-_GENERIC_BODY = {
-    "502 Bad Gateway": b"Bad Gateway\n",
-    "504 Gateway Timeout": b"Gateway Timeout\n",
-    "400 Bad Request": b"Bad Request\n",
-    "408 Request Timeout": b"Request Timeout\n",
-    "411 Length Required": b"Length Required\n",
-    "501 Not Implemented": b"Not Implemented\n",
-    "500 Internal Server Error": b"Internal Server Error\n",
-}
 
 
 def join_path(base: str, target: str) -> str:
@@ -298,10 +288,10 @@ class Forwarder:
     def __call__(self, environ: WSGIEnvironment, start_response: StartResponse) -> Iterable[bytes]:
         sanitize(environ, strip_impersonation=self.strip_impersonation)
         if environ["REQUEST_METHOD"] in _ECHO_METHODS:
-            return _error(start_response, "501 Not Implemented")
+            return plain_response(start_response, 501)
         target = request_target(environ)
         if target is None:
-            return _error(start_response, "400 Bad Request")
+            return plain_response(start_response, 400)
         target = join_path(self._base_path, target)
         if self._base_query:
             path, sep, query = target.partition("?")
@@ -309,17 +299,17 @@ class Forwarder:
         try:
             body, chunked = _request_body(environ, self.chunk_size)
         except ValueError:
-            return _error(start_response, "400 Bad Request")
+            return plain_response(start_response, 400)
         except LookupError:
-            return _error(start_response, "411 Length Required")
+            return plain_response(start_response, 411)
         except NotImplementedError:
-            return _error(start_response, "501 Not Implemented")
+            return plain_response(start_response, 501)
         method = environ["REQUEST_METHOD"]
         environ[UPSTREAM_URL_KEY] = self.url
         extra = environ.get(EXTRA_HEADERS)
         if extra and not _extra_ok(extra):
             log.error("a step left a malformed %s entry; request refused", EXTRA_HEADERS)
-            return _error(start_response, "500 Internal Server Error")
+            return plain_response(start_response, 500)
         auth = self.session.auth
         try:
             if auth is not None and body is not None and not isinstance(body, bytes):
@@ -357,14 +347,14 @@ class Forwarder:
             # and did nothing wrong.
             # TimeoutError, or EAGAIN from a socket with its timeout in the kernel.
             if isinstance(exc.__cause__, (TimeoutError, BlockingIOError)):
-                return _error(start_response, "408 Request Timeout")
-            return _error(start_response, "400 Bad Request")
+                return plain_response(start_response, 408)
+            return plain_response(start_response, 400)
         except (requests.RequestException, UpstreamError) as exc:
             # The path only: queries often carry tokens.
             path = target.partition("?")[0]
             log.warning("upstream %s failed: %s %s: %s", self.url, method, path, describe(exc))
             timed_out = isinstance(exc, (requests.Timeout, UpstreamTimeout))
-            return _error(start_response, "504 Gateway Timeout" if timed_out else "502 Bad Gateway")
+            return plain_response(start_response, 504 if timed_out else 502)
         environ[UPSTREAM_MS_KEY] = (time.perf_counter() - started) * 1000.0
         raw = response.raw
         if isinstance(raw, Response):
@@ -489,11 +479,7 @@ class Forwarder:
         start_response: StartResponse,
         environ: WSGIEnvironment,
     ) -> Iterable[bytes]:
-        drop = _NOT_RELAYED
-        for name, value in response.headers:
-            if name.lower() == "connection":
-                drop = drop.union(connection_tokens(value))
-        headers = [(k, v) for k, v in response.headers if k.lower() not in drop]
+        headers = end_to_end(response.headers, _NOT_RELAYED)
         status = f"{response.status} {response.reason}"
         if response.complete:
             # The whole body came with the headers (or there is none).
@@ -507,7 +493,7 @@ class Forwarder:
                 data = response.read_all()
             except UpstreamError as exc:
                 log.warning("upstream %s failed mid-body: %s", self.url, exc)
-                return _error(start_response, exc.status)
+                return plain_response(start_response, int(exc.status[:3]))
             start_response(status, headers)
             return [data]
         start_response(status, headers)
@@ -527,15 +513,11 @@ class Forwarder:
     ) -> Iterable[bytes]:
         """:meth:`_relay` for a response from another adapter (see :mod:`.generic`)."""
         fields = header_fields(response)
-        drop = _NOT_RELAYED
+        also = _NOT_RELAYED
+        if any(name.lower() == "transfer-encoding" for name, _ in fields):
+            also = also | {"content-length"}  # the coding frames the body
+        headers = end_to_end(fields, also)
         length: int | None = None
-        for name, value in fields:
-            lower = name.lower()
-            if lower == "connection":
-                drop = drop.union(connection_tokens(value))
-            elif lower == "transfer-encoding":
-                drop = drop.union({"content-length"})  # the coding frames the body
-        headers = [(k, v) for k, v in fields if k.lower() not in drop]
         for name, value in headers:
             if name.lower() == "content-length" and value.strip().isdigit():
                 length = int(value)
@@ -543,9 +525,9 @@ class Forwarder:
         if not isinstance(code, int) or not 100 <= code < 600:
             response.close()
             log.warning("upstream %s failed: %s: status %r", self.url, method, code)
-            return _error(start_response, "502 Bad Gateway")
+            return plain_response(start_response, 502)
         reason = response.reason or ""
-        status = f"{code} {reason if reason and not has_ctl(reason) else _phrase(code)}"
+        status = f"{code} {reason if reason and not has_ctl(reason) else status_phrase(code)}"
         body = GenericBody(response, self.chunk_size)
         if method == "HEAD" or code in (204, 304) or code < 200:
             body.close()
@@ -556,7 +538,7 @@ class Forwarder:
                 data = b"".join(body)
             except UpstreamError as exc:
                 log.warning("upstream %s failed mid-body: %s", self.url, describe(exc))
-                return _error(start_response, exc.status)
+                return plain_response(start_response, int(exc.status[:3]))
             finally:
                 body.close()
             start_response(status, headers)
@@ -655,13 +637,6 @@ def _split_fields(prepared: PreparedRequest) -> tuple[dict[str, str], list[tuple
     return first, more
 
 
-def _phrase(code: int) -> str:
-    try:
-        return HTTPStatus(code).phrase
-    except ValueError:
-        return ""
-
-
 def _extra_ok(extra: Any) -> bool:
     """True if *extra* is a list of (name, value) text pairs that cannot split the head."""
     if not isinstance(extra, list):
@@ -736,16 +711,3 @@ def _read(stream: Any, size: int) -> bytes:
     except Exception as exc:  # the server's parser: a malformed chunk, a lost client
         raise _ClientBodyError(type(exc).__name__) from exc
     return data
-
-
-def _error(start_response: StartResponse, status: str) -> list[bytes]:
-    body = _GENERIC_BODY[status]
-    start_response(
-        status,
-        [
-            ("Content-Type", "text/plain; charset=utf-8"),
-            ("Content-Length", str(len(body))),
-            ("Cache-Control", "no-store"),
-        ],
-    )
-    return [body]

@@ -22,12 +22,12 @@ import ssl
 import struct
 from collections import deque
 from collections.abc import Callable, Iterable, Iterator
-from http import HTTPStatus
 from typing import Any
 
 import httptools
 from urllib3.util.wait import wait_for_read
 
+from ..context import status_phrase
 from ..errors import UpstreamConnectError, UpstreamProtocolError, UpstreamTimeout
 from .pool import new_connection, pool_maxsize
 
@@ -131,7 +131,7 @@ class Response:
         if _BAD_REASON.search(self.reason):
             # Control characters in the reason phrase: the server would refuse
             # the status line; the code is what matters, use its usual phrase.
-            self.reason = _phrase(status)
+            self.reason = status_phrase(status)
         self.status = status
         self._headers_done = True
         lengths: set[str] = set()
@@ -486,13 +486,6 @@ class Response:
     def release_conn(self) -> None:
         """:meth:`release`, under the name :meth:`requests.Response.close` calls."""
         self.release()
-
-
-def _phrase(status: int) -> str:
-    try:
-        return HTTPStatus(status).phrase
-    except ValueError:
-        return ""
 
 
 def encode_head(method: str, target: str, headers: Iterable[tuple[str, str]]) -> bytes:

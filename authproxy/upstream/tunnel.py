@@ -46,7 +46,7 @@ from ..context import (
 )
 from ..context import refuse as _refuse
 from ..errors import UpstreamError, UpstreamTimeout
-from ..headers import HOP_BY_HOP_NAMES, UPGRADE_KEY, connection_tokens, has_ctl
+from ..headers import UPGRADE_KEY, connection_tokens, end_to_end, has_ctl
 from .client import client_socket, pipelined
 from .relay import splice
 from .transport import Response, Transport
@@ -287,15 +287,7 @@ def _accepts(chosen: str, requested: str) -> bool:
 
 def _head(response: Response, chosen: str) -> tuple[bytes, list[tuple[str, str]]]:
     """The 101 head for the client, and its end-to-end headers (for start_response)."""
-    drop = set(HOP_BY_HOP_NAMES)
-    for name, value in response.headers:
-        if name.lower() == "connection":
-            drop.update(connection_tokens(value))
-    relayed = [
-        (k, v)
-        for k, v in response.headers
-        if k.lower() not in drop and not has_ctl(k) and not has_ctl(v)
-    ]
+    relayed = [(k, v) for k, v in end_to_end(response.headers) if not (has_ctl(k) or has_ctl(v))]
     reason = response.reason or ""
     if has_ctl(reason) or not reason:
         reason = "Switching Protocols"
