@@ -18,6 +18,7 @@ refused (``impersonate`` needs ``identity`` before it).
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import sys
 from collections.abc import Iterable, Mapping
@@ -73,20 +74,9 @@ class Pipeline:
         for index, (step, factory) in enumerate(zip(self.specs, factories, strict=True)):
             _check_after(factory, step.where, [s.use for s in self.specs[:index]])
         up = config.upstream
+        # [upstream] holds exactly the Forwarder's options, under the same names.
         self.forwarder = Forwarder(
-            up.url,
-            tls_verify=up.tls_verify,
-            client_cert=up.client_cert,
-            client_key=up.client_key,
-            connect_timeout=up.connect_timeout,
-            read_timeout=up.read_timeout,
-            preserve_host=up.preserve_host,
-            strip_impersonation=up.strip_impersonation,
-            pool_size=_pool_size(config),
-            websocket=up.websocket,
-            websocket_idle_timeout=up.websocket_idle_timeout,
-            websocket_max_lifetime=up.websocket_max_lifetime,
-            upgrades=up.upgrades,
+            **dataclasses.asdict(config.upstream), pool_size=_pool_size(config)
         )
         app: Any = _Guard(self.forwarder, "forwarder")
         built: list[tuple[str, Any]] = []

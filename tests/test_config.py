@@ -397,3 +397,17 @@ def test_conforms(value: Any, hint: Any, ok: bool) -> None:
 )
 def test_describe(hint: Any, text: str) -> None:
     assert describe(hint) == text
+
+
+def test_the_upstream_section_is_the_forwarders_options_with_its_defaults() -> None:
+    import dataclasses
+    import inspect
+
+    from authproxy.config import UpstreamConfig
+    from authproxy.upstream.forwarder import Forwarder
+
+    parameters = inspect.signature(Forwarder).parameters
+    for field in dataclasses.fields(UpstreamConfig):
+        assert field.name in parameters, field.name
+        if field.name != "url":
+            assert parameters[field.name].default == field.default, field.name

@@ -29,6 +29,7 @@ from urllib3 import HTTPHeaderDict
 from urllib3.exceptions import InsecureRequestWarning
 from urllib3.util import SKIP_HEADER
 
+from ..config import UpstreamConfig
 from ..context import EXTRA_HEADERS, UPSTREAM_MS, UPSTREAM_URL, plain_response, status_phrase
 from ..errors import ConfigError, UpstreamError, UpstreamTimeout
 from ..headers import (
@@ -52,6 +53,8 @@ if TYPE_CHECKING:
 
 log = logging.getLogger("authproxy.forwarder")
 
+#: The defaults of every option that [upstream] also takes: that section's own.
+_DEFAULTS = UpstreamConfig()
 #: Kept under these names for code that imported them from here.
 UPSTREAM_MS_KEY = UPSTREAM_MS
 UPSTREAM_URL_KEY = UPSTREAM_URL
@@ -180,19 +183,19 @@ class Forwarder:
         self,
         url: str,
         *,
-        tls_verify: bool | str = True,
-        client_cert: str | None = None,
-        client_key: str | None = None,
-        connect_timeout: float = 5.0,
-        read_timeout: float = 60.0,
-        preserve_host: bool = False,
-        strip_impersonation: bool = True,
+        tls_verify: bool | str = _DEFAULTS.tls_verify,
+        client_cert: str | None = _DEFAULTS.client_cert,
+        client_key: str | None = _DEFAULTS.client_key,
+        connect_timeout: float = _DEFAULTS.connect_timeout,
+        read_timeout: float = _DEFAULTS.read_timeout,
+        preserve_host: bool = _DEFAULTS.preserve_host,
+        strip_impersonation: bool = _DEFAULTS.strip_impersonation,
         pool_size: int = 16,
         chunk_size: int = 256 * 1024,
-        websocket: bool = True,
-        websocket_idle_timeout: float | None = 3600.0,
-        websocket_max_lifetime: float | None = 12 * 3600.0,
-        upgrades: Iterable[str] = ("websocket",),
+        websocket: bool = _DEFAULTS.websocket,
+        websocket_idle_timeout: float | None = _DEFAULTS.websocket_idle_timeout,
+        websocket_max_lifetime: float | None = _DEFAULTS.websocket_max_lifetime,
+        upgrades: Iterable[str] = _DEFAULTS.upgrades,
         session: requests.Session | None = None,
     ) -> None:
         try:
