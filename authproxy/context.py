@@ -353,13 +353,18 @@ class CountedBody:
 
     def close(self) -> None:
         try:
-            close = getattr(self._body, "close", None)
-            if close is not None:
-                close()
+            close_body(self._body)
         finally:
             if not self._done:
                 self._done = True
                 self._on_close(self._sent, self._aborted)
+
+
+def close_body(body: Any) -> None:
+    """Call *body*'s ``close()``, if it has one, as a WSGI server must (PEP 3333)."""
+    close = getattr(body, "close", None)
+    if close is not None:
+        close()
 
 
 class Feed(Protocol):

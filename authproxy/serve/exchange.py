@@ -32,6 +32,7 @@ from gunicorn.http import wsgi
 from gunicorn.http.errors import NoMoreData
 from gunicorn.http.parser import RequestParser
 
+from ..context import close_body
 from ..errors import UpstreamError
 
 #: What a drained, unread request body may take before the connection is closed instead.
@@ -145,9 +146,7 @@ def _answer(
         return None
     finally:
         if not handed:
-            close = getattr(body, "close", None)
-            if close is not None:
-                close()
+            close_body(body)
     if resp.should_close() or drain and not _finish(parser):
         return None
     return Keep(parser.unreader.take_buffered())

@@ -19,6 +19,7 @@ from __future__ import annotations
 import time
 from typing import TYPE_CHECKING
 
+from ..context import close_body
 from ..upstream.client import client_gone
 from ..upstream.relay import Flow
 from .exchange import Stream, Tunnel
@@ -149,7 +150,7 @@ class StreamRelay:
             if record is not None:
                 record(why)
         try:
-            self.out.body.close()
+            close_body(self.out.body)
         except Exception:
             loop.worker.log.exception("Error closing a response body")
         if abort or not self.out.keep or not loop.worker.alive:
@@ -246,7 +247,7 @@ class TunnelRelay:
         self.watched.clear()
         try:
             self.out.tunnel.finish(self.flows[0].moved, self.flows[1].moved, why)
-            self.out.body.close()
+            close_body(self.out.body)
         except Exception:
             loop.worker.log.exception("Error closing a tunnel")
         self.client.close()

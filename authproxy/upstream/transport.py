@@ -571,9 +571,18 @@ class Transport:
         headers: Iterable[tuple[str, str]],
         body: Iterable[bytes] | bytes | None,
         chunked: bool,
+        *,
+        upgrade: bool = False,
     ) -> Response:
-        """Send a request on a pooled connection and read the response head."""
+        """Send a request on a pooled connection and read the response head.
+
+        With *upgrade*, on a new connection the pool never sees, which alone
+        may switch protocols: the caller closes ``response.connection`` when
+        done with it. A ``101`` to any other request is an upstream error.
+        """
         head = _head(method, target, headers, chunked)
+        if upgrade:
+            return self._exchange(self.pool._new_conn(), None, method, head, body, chunked)
         pool = self.pool
         for attempt in (0, 1):
             conn = pool._get_conn()
@@ -593,26 +602,10 @@ class Transport:
                     continue
                 raise
             if response.status == 101:
-                # Only an upgrade request (see send_unpooled) may switch protocols.
                 response.close()
                 raise UpstreamProtocolError("upstream switched protocols unasked")
             return response
         raise AssertionError("unreachable")
-
-    def send_unpooled(
-        self,
-        method: str,
-        target: str,
-        headers: Iterable[tuple[str, str]],
-        body: Iterable[bytes] | bytes | None,
-        chunked: bool,
-    ) -> Response:
-        """Like :meth:`send`, on a new connection the pool never sees (an upgrade's).
-
-        The caller closes ``response.connection`` when done with it.
-        """
-        head = _head(method, target, headers, chunked)
-        return self._exchange(self.pool._new_conn(), None, method, head, body, chunked)
 
     def _exchange(
         self, conn: Any, pool: Any, method: str, head: bytes, body: Any, chunked: bool

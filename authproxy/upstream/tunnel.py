@@ -42,6 +42,7 @@ from ..context import (
     TUNNEL_END,
     UPSTREAM_MS,
     UPSTREAM_URL,
+    close_body,
     plain_response,
 )
 from ..context import refuse as _refuse
@@ -130,7 +131,7 @@ class Tunnel:
         lines = [*headers.items(), *extra]
         started = time.perf_counter()
         try:
-            response = self.transport.send_unpooled(method, target, lines, body, chunked)
+            response = self.transport.send(method, target, lines, body, chunked, upgrade=True)
         except UpstreamError as exc:
             log.warning(
                 "upstream %s failed: upgrade %s %s: %s",
@@ -323,8 +324,6 @@ class _Closing:
 
     def close(self) -> None:
         try:
-            close = getattr(self._body, "close", None)
-            if close is not None:
-                close()
+            close_body(self._body)
         finally:
             self._conn.close()

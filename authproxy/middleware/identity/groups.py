@@ -40,7 +40,7 @@ import requests
 
 from ... import __version__
 from ...context import VerifiedIdentity
-from .keys import read_bounded
+from .keys import fetch_session, read_bounded
 
 log = logging.getLogger("authproxy.groups")
 
@@ -194,9 +194,7 @@ class AccessGroups:
             return read_bounded(response, deadline, self.timeout, GroupsUnavailable)
 
     def _new_session(self) -> requests.Session:
-        session = requests.Session()
-        session.trust_env = False  # no env proxies, no .netrc, no REQUESTS_CA_BUNDLE
-        session.verify = self.ca_bundle or True
+        session = fetch_session(self.ca_bundle)
         session.max_redirects = 0
         # One person's answer must never set a cookie that goes with the next one's.
         session.cookies.set_policy(http.cookiejar.DefaultCookiePolicy(allowed_domains=[]))

@@ -251,10 +251,7 @@ class KeyCache:
             return read_bounded(response, deadline, self.timeout, KeyFetchError)
 
     def _new_session(self) -> requests.Session:
-        session = requests.Session()
-        session.trust_env = False  # no env proxies, no .netrc, no REQUESTS_CA_BUNDLE
-        session.verify = self.ca_bundle or True
-        return session
+        return fetch_session(self.ca_bundle)
 
     # -- background refresh -------------------------------------------------
 
@@ -322,6 +319,16 @@ def _describe_request_error(exc: requests.RequestException) -> str:
     if isinstance(exc, requests.ConnectionError):
         return "connection failed"
     return type(exc).__name__
+
+
+def fetch_session(ca_bundle: str | None) -> requests.Session:
+    """A session for the identity step's own fetches (keys, groups): no proxy
+    from the environment, no ``.netrc``, no ``REQUESTS_CA_BUNDLE``; *ca_bundle*
+    or the system's trust store."""
+    session = requests.Session()
+    session.trust_env = False
+    session.verify = ca_bundle or True
+    return session
 
 
 def read_bounded(
