@@ -299,3 +299,42 @@ def test_a_tunnel_ends_when_the_token_that_opened_it_expires(
         what="the tunnel's access line",
     )[0]
     assert line["tunnel_end"] == "lifetime"
+
+
+def test_an_upgrade_not_listed_never_opens_a_tunnel_even_if_the_upstream_switches(
+    start_proxy: Callable[..., Proxy], raw_upstream: RawUpstream
+) -> None:
+    """The upstream here answers 101 to anything. An `h2c` or `foo` upgrade goes on
+    as a plain request, so its 101 is a 502, that upstream connection is dropped,
+    and the client's connection stays HTTP: its next request is an ordinary one."""
+    proxy = small_proxy(start_proxy, raw_upstream.url)
+    for protocol in (b"h2c", b"foo"):
+        with connect(
+            proxy,
+            b"GET /tunnel HTTP/1.1\r\nHost: p\r\nConnection: Upgrade, HTTP2-Settings\r\n"
+            b"Upgrade: %s\r\nHTTP2-Settings: AAMAAABkAAQAAP__\r\n\r\n" % protocol,
+        ) as sock:
+            assert read_exactly(sock, b"\r\n\r\n").startswith(b"HTTP/1.1 502 ")
+            sock.sendall(b"GET /plain HTTP/1.1\r\nHost: p\r\n\r\n")
+            assert read_exactly(sock, b"ok").split(b"\r\n", 1)[0] == b"HTTP/1.1 200 OK"
+
+
+def test_a_stopping_worker_ends_its_tunnels_after_graceful_timeout(
+    start_proxy: Callable[..., Proxy], raw_upstream: RawUpstream
+) -> None:
+    proxy = small_proxy(start_proxy, raw_upstream.url, graceful_timeout=2.0)
+    upgrade = (
+        b"GET /tunnel HTTP/1.1\r\nHost: p\r\nConnection: Upgrade\r\nUpgrade: websocket\r\n\r\n"
+    )
+    with connect(proxy, upgrade) as sock:
+        assert read_exactly(sock, b"\r\n\r\n").startswith(b"HTTP/1.1 101 ")
+        started = time.monotonic()
+        proxy.process.send_signal(signal.SIGTERM)
+        sock.sendall(b"still open;")  # the tunnel carries on through the grace period
+        assert read_exactly(sock, b";") == b"still open;"
+        sock.settimeout(20)
+        assert sock.recv(100) == b""
+        assert 1.0 <= time.monotonic() - started < 10
+    assert proxy.process.wait(20) == 0
+    (line,) = [x for x in proxy.access_lines() if x.get("path") == "/tunnel"]
+    assert line["tunnel_end"] == "shutdown"

@@ -61,6 +61,9 @@ from .relays import StreamRelay, TunnelRelay
 #: Body bytes the loop reads before a thread takes the request: a body up to
 #: this size arrives in full before any thread waits on it.
 BODY_BUFFER = 64 * 1024
+#: Seconds before gunicorn's graceful_timeout at which a stopping worker ends
+#: what is still open.
+GRACE_MARGIN = 0.5
 #: How often deadlines are looked at, in seconds.
 TICK = 0.25
 #: Pool threads waiting for the next request while the others serve theirs:
@@ -192,7 +195,9 @@ class Loop:
             with contextlib.suppress(OSError):
                 listener.close()
         self._close_waiting()
-        deadline = time.monotonic() + worker.cfg.graceful_timeout
+        # Done before the arbiter's own graceful_timeout runs out and it kills
+        # the worker: the last access lines still need writing.
+        deadline = time.monotonic() + max(0.0, worker.cfg.graceful_timeout - GRACE_MARGIN)
         while (self.serving or self.relays) and time.monotonic() < deadline:
             worker.notify()
             self._turn()

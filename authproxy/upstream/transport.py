@@ -602,6 +602,8 @@ class Transport:
                     continue
                 raise
             if response.status == 101:
+                # The connection now speaks another protocol: never reuse it.
+                response.connection.close()
                 response.close()
                 raise UpstreamProtocolError("upstream switched protocols unasked")
             return response
