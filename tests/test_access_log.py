@@ -280,6 +280,7 @@ _QUOTED = r'"(?:[^"\\]|\\.)*"'
 _COMBINED = re.compile(
     rf"(?P<client>[!#-~]+|{_QUOTED}) - (?P<identity>[!#-~]+|{_QUOTED}) \[[^\]]+\] "
     rf"(?P<request>{_QUOTED}) \d{{3}} \d+ {_QUOTED} {_QUOTED} [0-9.]+"
+    rf"(?: refusal={_QUOTED})?"
 )
 #: What splitlines() (and many log shippers) take for a line break, beyond CR and LF.
 _BREAKS = ("\r", "\0", "\x0b", "\x0c", "\x1c", "\x1d", "\x1e", "\x85", "\u2028", "\u2029")

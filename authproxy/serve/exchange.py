@@ -169,21 +169,9 @@ def _finish(parser: Any) -> bool:
 
 
 def _write(resp: Any, body: Iterable[bytes], sock: socket.socket) -> None:
-    """Write the answer: one piece with its head in one send, a spliceable
-    body socket to socket, anything else piece by piece."""
-    if isinstance(body, list) and len(body) <= 1 and not resp.headers_sent:
-        data = body[0] if body else b""
-        if (
-            resp.response_length == len(data)
-            and not resp.chunked
-            and resp.req.method != "HEAD"
-            and resp.status_code not in (204, 304)
-            and isinstance(data, bytes)
-        ):
-            sock.sendall(head_of(resp) + data)
-            resp.headers_sent = True
-            resp.sent = len(data)
-            return
+    """Write the answer: the head with the first piece in one send (one packet
+    for a small answer, and no second write for Nagle's algorithm to hold
+    back), a spliceable body socket to socket, the rest piece by piece."""
     splice_to: Callable[..., Iterable[int]] | None = getattr(body, "splice_to", None)
     if splice_to is not None and _can_splice(resp, sock):
         head = head_of(resp)
@@ -196,7 +184,20 @@ def _write(resp: Any, body: Iterable[bytes], sock: socket.socket) -> None:
             for moved in moves:
                 resp.sent += moved
             return
-    for piece in body:
+    pieces = iter(body)
+    for first in pieces:
+        if resp.headers_sent or not _relayable(resp) or not isinstance(first, bytes):
+            resp.write(first)
+            break
+        data = first
+        if resp.response_length is not None:
+            data = data[: resp.response_length]  # never more than the head announces
+        framed = b"%X\r\n%b\r\n" % (len(data), data) if resp.chunked and data else data
+        sock.sendall(head_of(resp) + framed)
+        resp.headers_sent = True
+        resp.sent = len(data)
+        break
+    for piece in pieces:
         resp.write(piece)
 
 

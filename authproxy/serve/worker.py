@@ -350,6 +350,10 @@ class Client:
         self.wrapped = False
         self.closed = False
         self._new_request()
+        # A response's later writes (a stream's pieces) go out at once, not
+        # held back until the client acknowledges the last one.
+        if sock.family in (socket.AF_INET, socket.AF_INET6):
+            sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
         if not loop.tls:
             sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVTIMEO, loop.kernel_timeout)
             sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDTIMEO, loop.kernel_timeout)
