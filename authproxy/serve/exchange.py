@@ -26,6 +26,7 @@ import ssl
 import time
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
+from email.utils import formatdate
 from typing import Any
 
 from gunicorn.http import wsgi
@@ -112,7 +113,7 @@ def _answer(
     server: Any,
     drain: bool,
 ) -> Outcome:
-    resp, environ = wsgi.create(req, sock, client, server, worker.cfg)
+    resp, environ = wsgi.create(req, sock, client, server, worker.cfg, Response)
     environ["wsgi.multithread"] = True
     if not worker.alive or not worker.cfg.keepalive:
         resp.force_close()
@@ -150,6 +151,43 @@ def _answer(
     if resp.should_close() or drain and not _finish(parser):
         return None
     return Keep(parser.unreader.take_buffered())
+
+
+class Response(wsgi.Response):  # type: ignore[misc]
+    """gunicorn's HTTP/1 response, with its ``Date`` made once a second, not per answer."""
+
+    def default_headers(self) -> list[str]:
+        # gunicorn's own lines, but for the Date (formatted per call there).
+        if self.upgrade:
+            connection = "upgrade"
+        elif self.should_close():
+            connection = "close"
+        else:
+            connection = "keep-alive"
+        major, minor = self.req.version
+        lines = [
+            f"HTTP/{major}.{minor} {self.status}\r\n",
+            f"Server: {self.version}\r\n",
+            f"Date: {_http_date()}\r\n",
+            f"Connection: {connection}\r\n",
+        ]
+        if self.chunked:
+            lines.append("Transfer-Encoding: chunked\r\n")
+        return lines
+
+
+_date: tuple[int, str] = (-1, "")
+
+
+def _http_date() -> str:
+    """``Sun, 06 Dec 2026 10:00:00 GMT``, made once a second."""
+    global _date
+    now = int(time.time())
+    second, text = _date
+    if second != now:
+        text = formatdate(now, usegmt=True)
+        _date = (now, text)
+    return text
 
 
 def _relayable(resp: Any) -> bool:

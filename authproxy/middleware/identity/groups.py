@@ -40,7 +40,7 @@ import requests
 
 from ... import __version__
 from ...context import VerifiedIdentity
-from .keys import fetch_session, read_bounded
+from .keys import fetch_document, fetch_session
 
 log = logging.getLogger("authproxy.groups")
 
@@ -175,23 +175,12 @@ class AccessGroups:
     def _download(self, token: str) -> bytes:
         if self._pid != os.getpid():
             self._after_fork()
-        deadline = time.monotonic() + self.timeout
-        response = self._session.get(
-            self.url,
-            timeout=(self.timeout, self.timeout),
-            stream=True,
-            allow_redirects=False,
-            headers={
-                "Accept": "application/json",
-                # read1 below takes the bytes as they come: ask for no coding.
-                "Accept-Encoding": "identity",
-                "Cookie": f"CF_Authorization={token}",
-            },
-        )
-        with response:
-            if response.status_code != 200:
-                raise GroupsUnavailable(f"HTTP {response.status_code}")
-            return read_bounded(response, deadline, self.timeout, GroupsUnavailable)
+        headers = {
+            # The body is read as the bytes come: ask for no coding.
+            "Accept-Encoding": "identity",
+            "Cookie": f"CF_Authorization={token}",
+        }
+        return fetch_document(self._session, self.url, self.timeout, GroupsUnavailable, headers)
 
     def _new_session(self) -> requests.Session:
         session = fetch_session(self.ca_bundle)

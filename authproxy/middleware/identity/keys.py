@@ -237,18 +237,7 @@ class KeyCache:
         self._failing = True
 
     def _download(self) -> bytes:
-        deadline = time.monotonic() + self.timeout
-        response = self._session.get(
-            self.url,
-            timeout=(self.timeout, self.timeout),
-            stream=True,
-            allow_redirects=False,
-            headers={"Accept": "application/json"},
-        )
-        with response:
-            if response.status_code != 200:
-                raise KeyFetchError(f"HTTP {response.status_code}")
-            return read_bounded(response, deadline, self.timeout, KeyFetchError)
+        return fetch_document(self._session, self.url, self.timeout, KeyFetchError)
 
     def _new_session(self) -> requests.Session:
         return fetch_session(self.ca_bundle)
@@ -329,6 +318,29 @@ def fetch_session(ca_bundle: str | None) -> requests.Session:
     session.trust_env = False
     session.verify = ca_bundle or True
     return session
+
+
+def fetch_document(
+    session: requests.Session,
+    url: str,
+    timeout: float,
+    error: type[Exception],
+    headers: Mapping[str, str] | None = None,
+) -> bytes:
+    """GET a JSON document at *url*: a 200 within *timeout* seconds, whole, at
+    most MAX_DOCUMENT_BYTES; anything else raises *error*."""
+    deadline = time.monotonic() + timeout
+    response = session.get(
+        url,
+        timeout=(timeout, timeout),
+        stream=True,
+        allow_redirects=False,
+        headers={"Accept": "application/json", **(headers or {})},
+    )
+    with response:
+        if response.status_code != 200:
+            raise error(f"HTTP {response.status_code}")
+        return read_bounded(response, deadline, timeout, error)
 
 
 def read_bounded(
