@@ -63,7 +63,8 @@ def main() -> None:
                 upstream.stop()
     print(f"\n{args.count} connections, default [server] settings (2 workers x 16 threads)\n")
     print(
-        "| worker | scenario | open | healthz p50 ms | p99 ms | healthz unanswered | KiB/conn | CPU ms/MiB |"
+        "| worker | scenario | open | healthz p50 ms | p99 ms | healthz unanswered "
+        "| KiB/conn | CPU ms/MiB |"
     )
     print("|---|---|---|---|---|---|---|---|")
     for worker_class, scenario, r in rows:
