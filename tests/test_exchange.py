@@ -61,6 +61,8 @@ def test_the_signatures_used() -> None:
     assert "deadline" in inspect.signature(RequestParser.finish_body).parameters
     assert list(inspect.signature(ssl_wrap_socket).parameters) == ["sock", "conf"]
     assert issubclass(NoMoreData, Exception)
+    assert isinstance(base.Worker.PIPE, list)  # the signal wake-up pipe, set up by init_process
+    assert "response_class" in inspect.signature(wsgi.create).parameters
 
 
 def test_a_request_parsed_from_buffered_bytes_and_answered_with_one_send() -> None:

@@ -289,8 +289,12 @@ def test_readiness_is_cached(upstream: Upstream) -> None:
     app = Forwarder(upstream.url)
     assert app.check_ready(cache_seconds=0) is True
     upstream.stop()
-    assert app.check_ready(cache_seconds=3600) is True  # the cached answer
-    assert app.check_ready(cache_seconds=0) is False
+    # Hold the port, not listening: no other server may take it meanwhile.
+    with socket.socket() as holder:
+        holder.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        holder.bind(("127.0.0.1", upstream.port))
+        assert app.check_ready(cache_seconds=3600) is True  # the cached answer
+        assert app.check_ready(cache_seconds=0) is False
     upstream.start()  # the fixture stops it again
 
 

@@ -141,6 +141,9 @@ class Loop:
         for listener in worker.sockets:
             listener.setblocking(False)
         self.poller.watch(self._wake_r, READ, self._on_wake)
+        # gunicorn's signal wake-up pipe: SIGTERM ends the poll at once, so the
+        # worker stops accepting now, not at the end of its tick.
+        self.poller.watch(worker.PIPE[0], READ, self._on_signal)
         self._accept_enabled(True)
         threads = [
             threading.Thread(target=self._serve, daemon=True, name=f"authproxy-{n}")
@@ -226,6 +229,10 @@ class Loop:
     def _on_wake(self, mask: int) -> None:
         with contextlib.suppress(BlockingIOError):
             os.read(self._wake_r, 4096)
+
+    def _on_signal(self, mask: int) -> None:
+        with contextlib.suppress(BlockingIOError):
+            os.read(self.worker.PIPE[0], 4096)
 
     # -- connections -----------------------------------------------------------
 
