@@ -36,7 +36,7 @@ class Pool:
     def __init__(self) -> None:
         self.returned: list[Conn] = []
 
-    def _put_conn(self, conn: Conn) -> None:
+    def put(self, conn: Conn) -> None:
         self.returned.append(conn)
 
 
@@ -302,13 +302,13 @@ class Opener:
 def test_idle_connections_are_reused_newest_first_and_capped() -> None:
     opener = Opener()
     idle = IdleConnections(opener, maxsize=2)
-    a, b, c = idle._get_conn(), idle._get_conn(), idle._get_conn()
+    a, b, c = idle.get(), idle.get(), idle.get()
     assert opener.made == [a, b, c]  # none idle yet: three new ones
     for conn in (a, b, c):
-        idle._put_conn(conn)
+        idle.put(conn)
     assert len(idle) == 2 and c.closed and not (a.closed or b.closed)  # over the cap: closed
-    assert idle._get_conn() is b and idle._get_conn() is a
-    idle._put_conn(a)
+    assert idle.get() is b and idle.get() is a
+    idle.put(a)
     idle.close()
     assert a.closed and len(idle) == 0
     for peer in opener.peers:
@@ -318,10 +318,10 @@ def test_idle_connections_are_reused_newest_first_and_capped() -> None:
 def test_an_idle_connection_the_upstream_closed_is_not_used_as_is() -> None:
     opener = Opener()
     idle = IdleConnections(opener, maxsize=4)
-    conn = idle._get_conn()
-    idle._put_conn(conn)
+    conn = idle.get()
+    idle.put(conn)
     opener.peers[0].close()  # the upstream hung up while it was idle
-    again = idle._get_conn()
+    again = idle.get()
     assert again is conn and conn.closed  # closed, to be connected afresh by the exchange
     for peer in opener.peers:
         peer.close()

@@ -121,6 +121,7 @@ class Loop:
         self.open = 0  # client connections (changed by the loop thread only)
         self.accepting = False
         self.tls = bool(worker.cfg.is_ssl)
+        self.max_head = _max_head(worker.cfg)
         self._wake_r, self._wake_w = os.pipe()
         os.set_blocking(self._wake_r, False)
         os.set_blocking(self._wake_w, False)
@@ -405,8 +406,11 @@ class Client:
     def wait(self, deadline: float) -> None:
         """Wait in the loop for (the rest of) a request: the loop thread only."""
         self.deadline = deadline
-        if self.buf:
-            if self._feed(bytes(self.buf), fresh=True):
+        if self.buf:  # read along with the last request
+            data = bytes(self.buf)
+            self.buf.clear()
+            if self._parse(data):
+                self.dispatch()
                 return
         self.loop.clients.add(self)
         self.loop.poller.arm(self.fd, self.on_readable)
@@ -414,7 +418,6 @@ class Client:
     def on_readable(self, mask: int) -> None:
         if self.closed:
             return
-        worker = self.loop.worker
         for _ in range(4):
             try:
                 if self.wrapped:
@@ -429,38 +432,31 @@ class Client:
                 return
             if not data:
                 if self.buf:  # the client stopped mid-request: a thread answers (400)
-                    self.ready = True
-                    self._feed(b"")
+                    self.loop.clients.discard(self)
+                    self.dispatch()
                 else:
                     self.close()
                 return
-            if not self.started:
-                self.started = True
-                self.deadline = time.monotonic() + worker.header_timeout
-            elif self.head_done:
-                self.deadline = time.monotonic() + worker.body_timeout
-            self.buf += data
-            if self._feed(data):
+            if self._parse(data):
+                self.loop.clients.discard(self)
+                self.dispatch()
                 return
         self.loop.poller.arm(self.fd, self.on_readable)
 
-    def _feed(self, data: bytes, fresh: bool = False) -> bool:
-        """Parse *data*; hand the request to a thread once it is ready. True if handed."""
-        if fresh:
+    def _parse(self, data: bytes) -> bool:
+        """Take *data* of the request; True once a thread is to have it."""
+        worker = self.loop.worker
+        if not self.started:
             self.started = True
-            self.deadline = min(self.deadline, time.monotonic() + self.loop.worker.header_timeout)
+            self.deadline = time.monotonic() + worker.header_timeout
+        elif self.head_done:
+            self.deadline = time.monotonic() + worker.body_timeout
+        self.buf += data
         try:
-            if data:
-                self.parser.feed_data(data)
-        except httptools.HttpParserUpgrade:
-            self.ready = True
-        except httptools.HttpParserError:
-            self.ready = True  # gunicorn's parser says what is wrong
-        if self.ready or len(self.buf) > _max_head(self.loop.worker.cfg):
-            self.loop.clients.discard(self)
-            self.dispatch()
-            return True
-        return False
+            self.parser.feed_data(data)
+        except (httptools.HttpParserUpgrade, httptools.HttpParserError):
+            self.ready = True  # an upgrade, or gunicorn's parser says what is wrong
+        return self.ready or len(self.buf) > self.loop.max_head
 
     def expire(self) -> None:
         """Its deadline passed: idle too long, or a head or body too slow."""
@@ -498,19 +494,8 @@ class Client:
             data = None
         except OSError:
             data = b""
-        if data:
-            if not self.started:
-                self.started = True
-                self.deadline = time.monotonic() + loop.worker.header_timeout
-            self.buf += data
-            try:
-                self.parser.feed_data(data)
-            except httptools.HttpParserUpgrade:
-                self.ready = True
-            except httptools.HttpParserError:
-                self.ready = True
-            if self.ready:
-                return self.serve()
+        if data and self._parse(data):
+            return self.serve()
         if data == b"":
             loop.call_soon(self._hang_up)
         else:  # a part of the request, or nothing after all: the loop reads on
@@ -520,7 +505,6 @@ class Client:
     def _hang_up(self) -> None:
         self.loop.serving.discard(self)
         if self.buf:  # mid-request: a thread answers (400)
-            self.ready = True
             self.dispatch()
         else:
             self.close()

@@ -458,7 +458,7 @@ class Response:
             return
         if not (self._complete and self._keep_alive):
             conn.close()
-        self._pool._put_conn(conn)
+        self._pool.put(conn)
 
     def close(self) -> None:
         """Drop the connection (the body may be unread).
@@ -517,7 +517,8 @@ class IdleConnections:
         self.maxsize = maxsize
         self._idle: deque[Any] = deque()
 
-    def _get_conn(self) -> Any:
+    def get(self) -> Any:
+        """An idle connection, newest first, or a new one."""
         try:
             conn = self._idle.pop()
         except IndexError:
@@ -526,13 +527,15 @@ class IdleConnections:
             conn.close()  # the exchange connects it again
         return conn
 
-    def _put_conn(self, conn: Any) -> None:
+    def put(self, conn: Any) -> None:
+        """Keep *conn* for the next request, or close it when enough wait."""
         if len(self._idle) < self.maxsize:
             self._idle.append(conn)
         else:
             conn.close()
 
-    def _new_conn(self) -> Any:
+    def new(self) -> Any:
+        """A new connection that is never kept (an upgrade's)."""
         return new_connection(self.pool)
 
     def __len__(self) -> int:
@@ -582,10 +585,10 @@ class Transport:
         """
         head = _head(method, target, headers, chunked)
         if upgrade:
-            return self._exchange(self.pool._new_conn(), None, method, head, body, chunked)
+            return self._exchange(self.pool.new(), None, method, head, body, chunked)
         pool = self.pool
         for attempt in (0, 1):
-            conn = pool._get_conn()
+            conn = pool.get()
             reused = conn.sock is not None
             try:
                 response = self._exchange(conn, pool, method, head, body, chunked)
@@ -632,7 +635,7 @@ class Transport:
             if response is not None:
                 response.release()
             elif pool is not None:
-                pool._put_conn(conn)
+                pool.put(conn)
             error = _upstream_error(exc)
             if error is exc:
                 raise
