@@ -66,8 +66,11 @@ def test_token_file_rotation_under_load(
     assert {v for _, v in values} == {f"Bearer {old}", f"Bearer {new}"}
     first_new = min(at for at, v in values if v == f"Bearer {new}")
     assert first_new >= rotated_at
-    # Once the new value went out, the old one never does again (one worker).
-    assert all(v == f"Bearer {new}" for at, v in values if at > first_new)
+    # Once the new value went out, the old one never does again (one worker),
+    # but for requests already in flight then: with several threads, one that
+    # built its headers just before the switch can reach the upstream just after.
+    in_flight = 0.5
+    assert all(v == f"Bearer {new}" for at, v in values if at > first_new + in_flight)
     # And it went out within the check interval (plus scheduling slack).
     assert first_new - rotated_at < interval + 1.5
     proxy.stop()
