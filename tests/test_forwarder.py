@@ -285,17 +285,16 @@ def test_failure_log_names_no_query_or_secret(
     assert not any("abc123" in m or TOKEN in m for m in messages)
 
 
-def test_readiness_is_cached(upstream: Upstream) -> None:
-    app = Forwarder(upstream.url)
-    assert app.check_ready(cache_seconds=0) is True
-    upstream.stop()
-    # Hold the port, not listening: no other server may take it meanwhile.
+def test_readiness_is_cached() -> None:
+    # A port held by a socket that is bound but not yet listening: refused,
+    # and no other server can take it while the test runs.
     with socket.socket() as holder:
-        holder.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-        holder.bind(("127.0.0.1", upstream.port))
-        assert app.check_ready(cache_seconds=3600) is True  # the cached answer
+        holder.bind(("127.0.0.1", 0))
+        app = Forwarder(f"http://127.0.0.1:{holder.getsockname()[1]}")
         assert app.check_ready(cache_seconds=0) is False
-    upstream.start()  # the fixture stops it again
+        holder.listen()
+        assert app.check_ready(cache_seconds=3600) is False  # the cached answer
+        assert app.check_ready(cache_seconds=0) is True
 
 
 def test_impersonation_headers(upstream: Upstream) -> None:
