@@ -173,6 +173,8 @@ def _raw_path(environ: Mapping[str, Any]) -> str | None:
 def _normalise(path: str | None) -> str | None:
     if path is None:
         return None
+    if path[:1] == "/" and "%" not in path and ";" not in path and "/." not in path:
+        return path  # no escape, no parameter, no dot segment: already normal
     path = _UNRESERVED_ESCAPE.sub(lambda m: chr(int(m.group(1), 16)), path)
     out: list[str] = []
     segments = path.split("/")[1:]

@@ -16,7 +16,7 @@ import pytest
 from hypothesis import HealthCheck, assume, given, settings
 from hypothesis import strategies as st
 
-from authproxy.context import IDENTITY, VerifiedIdentity
+from authproxy.context import IDENTITY, VerifiedIdentity, request_path
 from authproxy.errors import ConfigError
 from authproxy.headers import (
     HOP_BY_HOP_KEYS,
@@ -446,3 +446,33 @@ def test_a_skipped_path_stays_under_its_prefix_however_it_is_resolved(segments: 
     }
     if skip.match(environ):
         assert _resolve(raw).startswith("/static/") or _resolve(raw) == "/static", raw
+
+
+@pytest.mark.parametrize(
+    ("raw", "path"),
+    [
+        ("/a/b?x=/../..", "/a/b"),
+        ("/a//b/", "/a//b/"),
+        ("/a/./b", "/a/b"),
+        ("/a/b/..", "/a/"),
+        ("/a/b/.", "/a/b/"),
+        ("/a;x/..;y/b", "/b"),
+        ("/a/%2E%2e/b", "/b"),
+        ("/%61%2e%2e", "/a.."),
+        ("/a/%2fb", "/a/%2fb"),
+        ("http://host/x/../y", "/y"),
+        ("/..", None),
+        ("*", None),
+    ],
+)
+def test_the_path_every_decision_is_made_on(raw: str, path: str | None) -> None:
+    assert request_path({"RAW_URI": raw}) == path
+
+
+plain_segment = st.text("ab.-_~:@!$&'()*+,=\\", max_size=4).filter(lambda s: s[:1] != ".")
+
+
+@given(st.lists(plain_segment, min_size=1, max_size=6))
+def test_a_path_with_nothing_to_resolve_is_kept_as_sent(segments: list[str]) -> None:
+    raw = "/" + "/".join(segments)
+    assert request_path({"RAW_URI": raw}) == raw
