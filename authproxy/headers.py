@@ -8,6 +8,7 @@ before any middleware adds a header, so that a client cannot use
 
 from __future__ import annotations
 
+import functools
 from typing import Any
 
 # RFC 9110 7.6.1 plus the old names that proxies still see. Keys as in environ.
@@ -67,16 +68,29 @@ def connection_tokens(value: str) -> list[str]:
     return [t.strip().lower() for t in value.split(",") if t.strip()]
 
 
+@functools.lru_cache(maxsize=64)
+def _dropped(also: frozenset[str]) -> frozenset[str]:
+    return HOP_BY_HOP_NAMES | also
+
+
 def end_to_end(
     headers: list[tuple[str, str]], also: frozenset[str] = frozenset()
 ) -> list[tuple[str, str]]:
     """*headers* without their hop-by-hop fields: the fixed list, the names in
     *also* (lower case) and every name a ``Connection`` field lists."""
-    drop = HOP_BY_HOP_NAMES | also
+    drop = _dropped(also)
+    kept = []
+    listed: list[str] = []
     for name, value in headers:
-        if name.lower() == "connection":
-            drop = drop.union(connection_tokens(value))
-    return [(name, value) for name, value in headers if name.lower() not in drop]
+        lower = name.lower()
+        if lower not in drop:
+            kept.append((name, value))
+        elif lower == "connection":
+            listed += connection_tokens(value)
+    more = drop.union(listed)
+    if len(more) == len(drop):  # "Connection: keep-alive", "close": nothing else to drop
+        return kept
+    return [(name, value) for name, value in kept if name.lower() not in more]
 
 
 def sanitize(environ: dict[str, Any], *, strip_impersonation: bool = True) -> None:
