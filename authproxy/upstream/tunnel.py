@@ -49,6 +49,7 @@ from ..context import refuse as _refuse
 from ..errors import UpstreamError, UpstreamTimeout
 from ..headers import UPGRADE_KEY, connection_tokens, end_to_end, has_ctl
 from .client import client_socket, pipelined
+from .failures import describe
 from .relay import splice
 from .transport import Response, Transport
 
@@ -138,7 +139,7 @@ class Tunnel:
                 environ.get(UPSTREAM_URL),
                 method,
                 target.partition("?")[0],
-                type(exc).__name__,
+                describe(exc),
             )
             return plain_response(start_response, 504 if isinstance(exc, UpstreamTimeout) else 502)
         environ[UPSTREAM_MS] = (time.perf_counter() - started) * 1000.0
