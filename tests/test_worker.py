@@ -176,6 +176,28 @@ def test_a_stalled_body_gets_408(
     assert healthz_ms(proxy) < 1000
 
 
+def test_an_upload_refused_before_its_body_holds_a_thread_a_second_at_most(
+    start_proxy: Callable[..., Proxy], raw_upstream: RawUpstream
+) -> None:
+    """Refused (here cross-origin) with its body unread: the rest is drained for at
+    most DRAIN_SECONDS, then the connection is closed, whatever body_timeout says."""
+    proxy = small_proxy(start_proxy, raw_upstream.url, threads=2, body_timeout=30.0)
+    request = (
+        b"POST /plain HTTP/1.1\r\nHost: p\r\nSec-Fetch-Site: cross-site\r\n"
+        b"Content-Length: 1000000\r\n\r\nabc"
+    )
+    started = time.monotonic()
+    socks = [connect(proxy, request) for _ in range(4)]  # twice the threads
+    for sock in socks:
+        with sock:
+            assert read_exactly(sock, b"\r\n").startswith(b"HTTP/1.1 403 ")
+            while sock.recv(65536):  # then closed by the proxy
+                pass
+    assert time.monotonic() - started < 10
+    assert healthz_ms(proxy) < 1000
+    assert proxy.access_line("/plain")["status"] == 403
+
+
 def test_bodies_that_break_off_do_not_disturb_other_connections(
     start_proxy: Callable[..., Proxy], raw_upstream: RawUpstream
 ) -> None:
