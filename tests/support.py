@@ -560,13 +560,31 @@ class Proxy:
         threads: int = 8,
         via: str = "flag",
     ) -> None:
-        self.port = free_port()
         # Workers the master should fork (the env-configured seed mode runs the default 2).
         self.expected_workers = workers if config is not None or via == "gunicorn" else 2
         if config is not None and "workers" in config.get("server", {}):
             self.expected_workers = config["server"]["workers"]
         self.dir = Path(tempfile.mkdtemp(prefix="authproxy-test-"))
         self.log_path = self.dir / "stderr.log"
+        # A free port can be taken again before the proxy binds it (by another
+        # server, or as a connection's local port): then start on another.
+        for attempt in range(3):
+            self.port = free_port()
+            try:
+                self._start(config, env, workers, threads, via)
+                return
+            except RuntimeError:
+                if attempt == 2 or "Connection in use" not in self.logs():
+                    raise
+
+    def _start(
+        self,
+        config: dict[str, Any] | None,
+        env: dict[str, str] | None,
+        workers: int,
+        threads: int,
+        via: str,
+    ) -> None:
         args = [sys.executable, "-m", "authproxy.cli", "serve"]
         full_env = {k: v for k, v in os.environ.items() if not k.startswith("AUTHPROXY")}
         full_env.update(env or {})
