@@ -425,6 +425,7 @@ class Pki:
 
     directory: Path
     ca: Path
+    ca_key: Path
     server_cert: Path
     server_key: Path
     client_cert: Path
@@ -437,6 +438,12 @@ class Pki:
         if require_client_cert:
             context.verify_mode = ssl.CERT_REQUIRED
             context.load_verify_locations(self.ca)
+        return context
+
+    def self_signed_context(self) -> ssl.SSLContext:
+        """The CA's own certificate served as a server's: self-signed, trusted by nobody."""
+        context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+        context.load_cert_chain(self.ca, self.ca_key)
         return context
 
 
@@ -536,6 +543,7 @@ def make_pki(directory: Path) -> Pki:
     return Pki(
         directory=directory,
         ca=write_cert(ca_cert, directory / "ca.pem"),
+        ca_key=write_key(ca_key, directory / "ca.key"),
         server_cert=write_cert(server_cert, directory / "server.pem"),
         server_key=write_key(server_key, directory / "server.key"),
         client_cert=write_cert(client_cert, directory / "client.pem"),

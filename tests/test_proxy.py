@@ -5,13 +5,10 @@ Every test talks HTTP over loopback; the upstream records exactly what reached i
 
 from __future__ import annotations
 
-import datetime
 import gzip
 import hashlib
-import ipaddress
 import signal
 import socket
-import ssl
 import threading
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -480,44 +477,6 @@ def test_client_certificate_for_mutual_tls(
 # -- why the upstream failed, in the log ---------------------------------------------
 
 
-def self_signed(directory: Path) -> ssl.SSLContext:
-    """A server context with a self-signed certificate for 127.0.0.1 (its own issuer)."""
-    from cryptography import x509
-    from cryptography.hazmat.primitives import hashes, serialization
-    from cryptography.hazmat.primitives.asymmetric import ec
-    from cryptography.x509.oid import NameOID
-
-    key = ec.generate_private_key(ec.SECP256R1())
-    name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "127.0.0.1")])
-    now = datetime.datetime.now(datetime.UTC)
-    cert = (
-        x509.CertificateBuilder()
-        .subject_name(name)
-        .issuer_name(name)
-        .public_key(key.public_key())
-        .serial_number(x509.random_serial_number())
-        .not_valid_before(now - datetime.timedelta(minutes=5))
-        .not_valid_after(now + datetime.timedelta(days=1))
-        .add_extension(
-            x509.SubjectAlternativeName([x509.IPAddress(ipaddress.ip_address("127.0.0.1"))]),
-            critical=False,
-        )
-        .sign(key, hashes.SHA256())
-    )
-    directory.mkdir(parents=True, exist_ok=True)
-    (directory / "self.pem").write_bytes(cert.public_bytes(serialization.Encoding.PEM))
-    (directory / "self.key").write_bytes(
-        key.private_bytes(
-            serialization.Encoding.PEM,
-            serialization.PrivateFormat.PKCS8,
-            serialization.NoEncryption(),
-        )
-    )
-    context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
-    context.load_cert_chain(directory / "self.pem", directory / "self.key")
-    return context
-
-
 def failure_line(proxy: Proxy, path: str) -> str:
     """The proxy's log line for the failed upstream request to *path*."""
     return str(
@@ -529,9 +488,9 @@ def failure_line(proxy: Proxy, path: str) -> str:
 
 
 def test_a_self_signed_upstream_is_logged_as_a_certificate_problem_with_the_fix(
-    start_proxy: StartProxy, tmp_path: Path
+    start_proxy: StartProxy, pki: Pki
 ) -> None:
-    server = Upstream(ssl_context=self_signed(tmp_path / "tls")).start()
+    server = Upstream(ssl_context=pki.self_signed_context()).start()
     try:
         proxy = start_proxy(bearer_config(server))  # tls_verify: the default
         response = get(proxy, "/self-signed")
