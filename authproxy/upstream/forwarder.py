@@ -495,7 +495,7 @@ class Forwarder:
             try:
                 data = response.read_all()
             except UpstreamError as exc:
-                log.warning("upstream %s failed mid-body: %s", self.url, exc)
+                log.warning("upstream %s failed mid-body: %s", self.url, describe(exc))
                 return plain_response(start_response, int(exc.status[:3]))
             start_response(status, headers)
             return [data]
