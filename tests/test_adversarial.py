@@ -244,6 +244,59 @@ def test_pipelined_requests_are_forwarded_one_by_one_with_their_own_bodies(stack
     assert all(s.header("Authorization") == BEARER for s in seen)
 
 
+#: The start of a request, left as the body of one that is refused before it is read.
+PREFIX = b"DELETE /smuggled HTTP/1.1\r\nX-Junk: "
+
+
+@pytest.mark.parametrize(
+    "first_line",
+    [
+        "POST /refused HTTP/1.1",
+        # Requests that gunicorn takes and httptools (the loop's parser) does not.
+        "FOO /refused HTTP/1.1",
+        "POST /refused HTTP/1.2",
+    ],
+)
+def test_an_unread_body_never_starts_the_next_request(stack: Stack, first_line: str) -> None:
+    """Refused (no token) before its body is read: the body is drained, so the next
+    request on the connection (another person's, through a shared front connection)
+    is forwarded as it was sent, not as the value of the refused body's last header."""
+    before = len(stack.upstream.seen)
+    refused = stack.request(
+        first_line, "Host: x", f"Content-Length: {len(PREFIX)}", body=PREFIX, token=False
+    )
+    with socket.create_connection(("127.0.0.1", stack.proxy.port), timeout=30) as sock:
+        sock.sendall(refused)
+        first = http.client.HTTPResponse(sock)
+        first.begin()
+        first.read()
+        assert first.status in (400, 401, 501)
+        if not first.will_close:
+            sock.sendall(stack.request("GET /next HTTP/1.1", "Host: x"))
+            second = http.client.HTTPResponse(sock)
+            second.begin()
+            second.read()
+    assert targets(stack.upstream, before) in ([], ["/next"])
+
+
+def test_a_pipelined_empty_body_does_not_hide_the_body_before_it(stack: Stack) -> None:
+    before = len(stack.upstream.seen)
+    refused = stack.request(
+        "POST /refused HTTP/1.1",
+        "Host: x",
+        f"Content-Length: {len(PREFIX)}",
+        body=PREFIX,
+        token=False,
+    )
+    answers = exchange_all(
+        stack,
+        refused
+        + stack.request("POST /next HTTP/1.1", "Host: x", "Content-Length: 0", "Connection: close"),
+    )
+    assert [a.status for a in answers] == [401, 200]
+    assert targets(stack.upstream, before) == ["/next"]
+
+
 def test_connection_transfer_encoding_keeps_the_body(stack: Stack) -> None:
     """``Connection`` may name ``Transfer-Encoding``; the body still goes with the request."""
     before = len(stack.upstream.seen)

@@ -342,6 +342,7 @@ class Client:
         "ready",
         "large",
         "has_body",
+        "complete",
         "wrapped",
         "closed",
     )
@@ -374,6 +375,7 @@ class Client:
         self.ready = False
         self.large = False
         self.has_body = False
+        self.complete = False
 
     # httptools callbacks: only what decides when a thread is needed.
     def on_headers_complete(self) -> None:
@@ -387,7 +389,8 @@ class Client:
         if name == b"expect":
             self.large = True  # the client waits for "100 Continue" before its body
         elif name == b"content-length":
-            self.has_body = value.strip() != b"0"
+            if value.strip() != b"0":
+                self.has_body = True  # never unset by a later pipelined request
             if not value.strip().isdigit() or int(value) > BODY_BUFFER:
                 self.large = True
         elif name == b"transfer-encoding":
@@ -399,6 +402,7 @@ class Client:
             self.ready = True
 
     def on_message_complete(self) -> None:
+        self.complete = True
         self.ready = True
 
     # -- in the loop -------------------------------------------------------------
@@ -532,8 +536,11 @@ class Client:
             self.sock.settimeout(worker.body_timeout)
         buffered = bytes(self.buf)
         self.buf.clear()
-        # Without a body, nothing can be left of it to drain after the answer.
-        drain = self.has_body or not self.ready or self.wrapped
+        # Skip the drain only for a request the loop's parser read to its end and
+        # saw no body in. A request that parser refused (gunicorn may still take
+        # it, with a body) is drained: an unread body must never become the
+        # start of the next request on the connection.
+        drain = self.has_body or not self.complete or self.wrapped
         return serve_request(worker, self.sock, self.addr, self.server, buffered, drain=drain)
 
     def served(self, outcome: Outcome) -> None:
