@@ -285,6 +285,17 @@ def test_failure_log_names_no_query_or_secret(
     assert not any("abc123" in m or TOKEN in m for m in messages)
 
 
+def test_failure_log_names_no_query_of_the_upstream_url(caplog: pytest.LogCaptureFixture) -> None:
+    with socket.socket() as holder:  # bound, not listening: refused
+        holder.bind(("127.0.0.1", 0))
+        app = Forwarder(f"http://127.0.0.1:{holder.getsockname()[1]}/base?key=s3cret")
+        with caplog.at_level(logging.WARNING, logger="authproxy.forwarder"):
+            assert Client(app).get("/x").status_code == 502
+    messages = [r.getMessage() for r in caplog.records if r.name == "authproxy.forwarder"]
+    assert any("/base failed: GET /base/x" in m for m in messages), messages
+    assert not any("s3cret" in m for m in messages)
+
+
 def test_readiness_is_cached() -> None:
     # A port held by a socket that is bound but not yet listening: refused,
     # and no other server can take it while the test runs.

@@ -253,14 +253,15 @@ def test_an_upgrade_to_an_upstream_that_is_down_is_502_and_the_log_says_why(
 ) -> None:
     with socket.socket() as holder:  # a port held, not listening: refused
         holder.bind(("127.0.0.1", 0))
-        url = f"http://127.0.0.1:{holder.getsockname()[1]}"
+        url = f"http://127.0.0.1:{holder.getsockname()[1]}/?key=s3cret"
         proxy = start_proxy({"upstream": {"url": url}})
         with raw(proxy) as sock:
             sock.sendall(upgrade_request("/ws/down", "websocket"))
             answer = http.client.HTTPResponse(sock)
             answer.begin()
             assert answer.status == 502
-        proxy.logs(until="upgrade GET /ws/down: connection refused")
+        log = proxy.logs(until="upgrade GET /ws/down: connection refused")
+        assert "s3cret" not in log
 
 
 def test_upgrade_to_another_protocol_than_asked_is_not_relayed(

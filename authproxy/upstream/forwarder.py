@@ -232,6 +232,8 @@ class Forwarder:
         #: Upgrade protocols relayed as tunnels (lower case); others go on as plain HTTP.
         self.upgrades = frozenset(n.strip().lower() for n in names)
         self.url = url
+        #: The URL as logs show it: its query may hold a secret.
+        self._logged_url = url.partition("?")[0]
         self.preserve_host = preserve_host
         self.strip_impersonation = strip_impersonation
         self.chunk_size = chunk_size
@@ -355,7 +357,9 @@ class Forwarder:
         except (requests.RequestException, UpstreamError) as exc:
             # The path only: queries often carry tokens.
             path = target.partition("?")[0]
-            log.warning("upstream %s failed: %s %s: %s", self.url, method, path, describe(exc))
+            log.warning(
+                "upstream %s failed: %s %s: %s", self._logged_url, method, path, describe(exc)
+            )
             timed_out = isinstance(exc, (requests.Timeout, UpstreamTimeout))
             return plain_response(start_response, 504 if timed_out else 502)
         environ[UPSTREAM_MS_KEY] = (time.perf_counter() - started) * 1000.0
@@ -495,7 +499,7 @@ class Forwarder:
             try:
                 data = response.read_all()
             except UpstreamError as exc:
-                log.warning("upstream %s failed mid-body: %s", self.url, describe(exc))
+                log.warning("upstream %s failed mid-body: %s", self._logged_url, describe(exc))
                 return plain_response(start_response, int(exc.status[:3]))
             start_response(status, headers)
             return [data]
@@ -527,7 +531,7 @@ class Forwarder:
         code = response.status_code
         if not isinstance(code, int) or not 100 <= code < 600:
             response.close()
-            log.warning("upstream %s failed: %s: status %r", self.url, method, code)
+            log.warning("upstream %s failed: %s: status %r", self._logged_url, method, code)
             return plain_response(start_response, 502)
         reason = response.reason or ""
         status = f"{code} {reason if reason and not has_ctl(reason) else status_phrase(code)}"
@@ -540,7 +544,7 @@ class Forwarder:
             try:
                 data = b"".join(body)
             except UpstreamError as exc:
-                log.warning("upstream %s failed mid-body: %s", self.url, describe(exc))
+                log.warning("upstream %s failed mid-body: %s", self._logged_url, describe(exc))
                 return plain_response(start_response, int(exc.status[:3]))
             finally:
                 body.close()

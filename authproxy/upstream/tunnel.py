@@ -136,7 +136,7 @@ class Tunnel:
         except UpstreamError as exc:
             log.warning(
                 "upstream %s failed: upgrade %s %s: %s",
-                environ.get(UPSTREAM_URL),
+                str(environ.get(UPSTREAM_URL, "")).partition("?")[0],  # a query may hold a secret
                 method,
                 target.partition("?")[0],
                 describe(exc),
