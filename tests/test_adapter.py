@@ -87,11 +87,14 @@ def test_the_pool_comes_from_get_connection_with_tls_context_once_per_origin(
             return super().get_connection_with_tls_context(request, *args, **kw)
 
     session = requests.Session()
+    session.trust_env = False  # the same settings on every call, whatever the environment
     session.mount("http://", Counting())
     try:
+        # Two settings (timeouts are part of the key), taken in turn.
         for path in ("/a", "/b", "/c"):
-            assert session.get(upstream.url + path).status_code == 200
-        assert len(calls) == 1
+            for timeout in (5.0, 6.0):
+                assert session.get(upstream.url + path, timeout=timeout).status_code == 200
+        assert calls == [upstream.url + "/a"] * 2
     finally:
         session.close()
 

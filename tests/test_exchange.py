@@ -102,15 +102,22 @@ def test_a_request_parsed_from_buffered_bytes_and_answered_with_one_send() -> No
 
 def test_the_response_head_is_gunicorns_but_for_a_date_made_once_a_second() -> None:
     """authproxy's Response subclass writes the lines gunicorn's default_headers writes."""
+    heads = {
+        "counted": (b"GET / HTTP/1.1\r\nHost: h\r\n\r\n", [("Content-Length", "2")]),
+        "chunked": (b"GET / HTTP/1.1\r\nHost: h\r\n\r\n", []),
+        "closing": (b"GET / HTTP/1.1\r\nHost: h\r\nConnection: close\r\n\r\n", []),
+        "HTTP/1.0": (b"GET / HTTP/1.0\r\nHost: h\r\n\r\n", []),
+    }
     ours, theirs = socket.socketpair()
     with ours, theirs:
         cfg = Config()
-        parser = RequestParser(cfg, iter([b"GET / HTTP/1.1\r\nHost: h\r\n\r\n"]), ("h", 1))
-        req = next(parser)
-        mine = exchange.Response(req, ours, cfg)
-        plain = wsgi.Response(req, ours, cfg)
-        for resp in (mine, plain):
-            resp.start_response("200 OK", [("Content-Length", "2")])
-        strip = [line for line in plain.default_headers() if not line.startswith("Date: ")]
-        assert [line for line in mine.default_headers() if not line.startswith("Date: ")] == strip
-        assert any(line.startswith("Date: ") for line in mine.default_headers())
+        for name, (request, headers) in heads.items():
+            parser = RequestParser(cfg, iter([request]), ("h", 1))
+            req = next(parser)
+            mine = exchange.Response(req, ours, cfg)
+            plain = wsgi.Response(req, ours, cfg)
+            for resp in (mine, plain):
+                resp.start_response("200 OK", list(headers))
+            lines = [x for x in mine.default_headers() if not x.startswith("Date: ")]
+            assert lines == [x for x in plain.default_headers() if not x.startswith("Date: ")], name
+            assert any(line.startswith("Date: ") for line in mine.default_headers()), name

@@ -234,10 +234,17 @@ def test_a_compressed_body_passes_undecoded(mocked: responses.RequestsMock) -> N
         assert response.get_data() == body
 
 
-def test_head_has_no_body(mocked: responses.RequestsMock) -> None:
-    mocked.add(responses.HEAD, UPSTREAM + "/", headers={"Content-Length": "1234"})
-    response = Client(forwarder()).head("/")
-    assert response.status_code == 200 and response.data == b""
+@pytest.mark.parametrize(("method", "status"), [("HEAD", 200), ("GET", 204), ("GET", 304)])
+def test_answers_without_a_body_relay_none(
+    mocked: responses.RequestsMock, method: str, status: int
+) -> None:
+    """Whatever the adapter's raw would give (here bytes it should never have read)."""
+    mocked.add(
+        method, UPSTREAM + "/", status=status, body=b"never relayed", headers={"X-Kept": "1"}
+    )
+    response = Client(forwarder()).open("/", method=method)
+    assert response.status_code == status and response.data == b""
+    assert response.headers["X-Kept"] == "1"
 
 
 # -- failures ----------------------------------------------------------------------
