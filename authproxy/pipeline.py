@@ -73,7 +73,6 @@ class Pipeline:
         factories = [plugins.load(step.use, f"{step.where}.use") for step in self.specs]
         for index, (step, factory) in enumerate(zip(self.specs, factories, strict=True)):
             _check_after(factory, step.where, [s.use for s in self.specs[:index]])
-        up = config.upstream
         # [upstream] holds exactly the Forwarder's options, under the same names.
         self.forwarder = Forwarder(
             **dataclasses.asdict(config.upstream), pool_size=_pool_size(config)
@@ -102,7 +101,7 @@ class Pipeline:
                 ),
             ],
         )
-        self._strip_impersonation = up.strip_impersonation
+        self._strip_impersonation = config.upstream.strip_impersonation
 
     def __call__(self, environ: WSGIEnvironment, start_response: StartResponse) -> Iterable[bytes]:
         sanitize(environ, strip_impersonation=self._strip_impersonation)

@@ -254,8 +254,7 @@ def _can_splice(resp: Any, sock: socket.socket) -> bool:
         and resp.cfg.sendfile is not False
         and resp.response_length is not None
         and not resp.chunked
-        and resp.req.method != "HEAD"
-        and resp.status_code not in (204, 304)
+        and _relayable(resp)
     )
 
 

@@ -67,7 +67,7 @@ _STREAMING_TYPES = ("text/event-stream",)
 #: Methods never forwarded: an upstream that implements them echoes the request,
 #: injected credential included, back to the client.
 _ECHO_METHODS = frozenset({"TRACE", "TRACK"})
-# Hop-by-hop headers, and the two that every WSGI server writes itself
+# Beyond the hop-by-hop headers: the two that every WSGI server writes itself
 # (a second Date or Server would repeat a singleton field).
 _NOT_RELAYED = frozenset({"date", "server"})
 #: Upstreams already warned about (tls_verify = false). ``authproxy serve`` builds
@@ -345,7 +345,7 @@ class Forwarder:
                     upgrade=offered,
                 )
             started = time.perf_counter()
-            response = self._send(method, target, self._headers(environ), body, chunked, extra)
+            response = self._send(method, target, self._headers(environ), body, extra)
         except _ClientBodyError as exc:
             # The client's fault (malformed chunks, a body shorter than its
             # length, a body that stalled): the upstream got no complete request
@@ -365,7 +365,7 @@ class Forwarder:
         environ[UPSTREAM_MS_KEY] = (time.perf_counter() - started) * 1000.0
         raw = response.raw
         if isinstance(raw, Response):
-            return self._relay(method, raw, start_response, environ)
+            return self._relay(raw, start_response, environ)
         return self._relay_generic(method, response, start_response, environ)
 
     def _offered(self, environ: WSGIEnvironment) -> str | None:
@@ -420,11 +420,10 @@ class Forwarder:
         target: str,
         headers: dict[str, str],
         body: Any,
-        chunked: bool,
         extra: list[tuple[str, str]] | None = None,
     ) -> requests.Response:
-        """Send through the adapter mounted for the upstream's URL; *chunked* is
-        implied (a body without ``Content-Length`` is sent chunked)."""
+        """Send through the adapter mounted for the upstream's URL (a body without
+        ``Content-Length`` goes chunked)."""
         url = self._origin + target
         adapter = self.session.get_adapter(url)
         if isinstance(adapter, UpstreamAdapter) and not extra and self.session.auth is None:
@@ -481,7 +480,6 @@ class Forwarder:
 
     def _relay(
         self,
-        method: str,
         response: Response,
         start_response: StartResponse,
         environ: WSGIEnvironment,

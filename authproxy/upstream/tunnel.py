@@ -63,7 +63,7 @@ log = logging.getLogger("authproxy.tunnel")
 TOKEN_GRACE = 5.0
 
 #: Relays a non-101 answer as an ordinary response: (method, response, start_response, environ).
-Relay = Callable[[str, Response, "StartResponse", "WSGIEnvironment"], Iterable[bytes]]
+Relay = Callable[[Response, "StartResponse", "WSGIEnvironment"], Iterable[bytes]]
 
 
 class Tunnel:
@@ -147,7 +147,7 @@ class Tunnel:
         if response.status != 101:
             # Refused (401, 403, 426...): an ordinary answer on a connection that
             # stays plain HTTP, so the next request passes the pipeline again.
-            return _Closing(relay(method, response, start_response, environ), conn)
+            return _Closing(relay(response, start_response, environ), conn)
         chosen = next((v for k, v in response.headers if k.lower() == "upgrade"), "")
         if not _accepts(chosen, upgrade) or conn.sock is None:
             conn.close()
