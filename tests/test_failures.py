@@ -70,3 +70,11 @@ def test_a_protocol_error_says_what_it_says_and_unknowns_fall_back() -> None:
     assert describe(UpstreamProtocolError("malformed response")) == "malformed response"
     assert describe(requests.ConnectTimeout()) == "connect timed out"
     assert describe(RuntimeError()) == "RuntimeError"
+
+
+def test_a_url_in_an_error_is_never_part_of_the_description() -> None:
+    """urllib3's request errors carry the URL, whose query may hold a token."""
+    exc = MaxRetryError(None, "/p?token=s3cret")  # type: ignore[arg-type]
+    for wrapped_exc in (exc, requests.ConnectionError(exc)):
+        text = describe(wrapped_exc)
+        assert "s3cret" not in text and text == "MaxRetryError"

@@ -69,6 +69,9 @@ def describe(exc: BaseException) -> str:
         if isinstance(cause, Timeout):
             return "timed out waiting for the answer (read_timeout)"
     innermost = found[-1]
+    if getattr(innermost, "url", None) is not None:
+        # urllib3's request errors (MaxRetryError...) name the URL, query and all.
+        return type(innermost).__name__
     return str(innermost) or type(innermost).__name__
 
 
