@@ -6,6 +6,7 @@ import io
 import ipaddress
 import logging
 import os
+import select
 import time
 from collections.abc import Iterator
 
@@ -107,27 +108,52 @@ def test_flush_writes_what_is_waiting(logger: logging.Logger) -> None:
     assert stream.writes == ["pending\n"]
 
 
+def _read_line(fd: int, timeout: float) -> str:
+    """One line from the pipe *fd*, or what came before *timeout* seconds passed."""
+    data = b""
+    deadline = time.monotonic() + timeout
+    while not data.endswith(b"\n"):
+        left = deadline - time.monotonic()
+        if left <= 0 or not select.select([fd], [], [], left)[0]:
+            break
+        chunk = os.read(fd, 1)
+        if not chunk:
+            break
+        data += chunk
+    return data.decode()
+
+
 def test_a_forked_child_writes_its_own_lines(logger: logging.Logger) -> None:
     """gunicorn forks workers from a master whose handlers already exist; the
     flusher thread does not survive a fork, so the child must start its own
     (without one the child's line stays pending until it leaves)."""
     read_fd, write_fd = os.pipe()
+    done_read, done_write = os.pipe()
     handler = BatchingStreamHandler(os.fdopen(write_fd, "w"), flush_interval=0.05)
     logger.addHandler(handler)
     logger.info("parent")  # the parent's flusher thread now runs
-    wait_until(lambda: not handler._pending, timeout=5, what="the parent's line")
-    pid = os.fork()
-    if pid == 0:  # the child: log, let the flusher work, leave without any exit flush
+    try:
+        assert _read_line(read_fd, timeout=5) == "parent\n"
+        # Wait for the lock the flusher writes under: no lock is held across the fork.
+        handler.flush()
+        pid = os.fork()
+        if pid == 0:  # the child: log, then leave, without any exit flush, once told to
+            try:
+                logger.info("child")
+                os.read(done_read, 1)
+            finally:
+                os._exit(0)
         try:
-            logger.info("child")
-            wait_until(lambda: not handler._pending, timeout=20, what="the child's line")
+            line = _read_line(read_fd, timeout=20)
         finally:
-            os._exit(0)
-    os.waitpid(pid, 0)
-    handler.close()
-    handler.stream.close()  # the parent's write end: the reader then sees the end
-    with os.fdopen(read_fd) as reader:
-        assert reader.read() == "parent\nchild\n"
+            os.write(done_write, b"x")
+            os.waitpid(pid, 0)
+        assert line == "child\n"
+    finally:
+        handler.close()
+        handler.stream.close()
+        for fd in (read_fd, done_read, done_write):
+            os.close(fd)
 
 
 def test_a_broken_stream_is_reported_not_raised(
