@@ -515,6 +515,7 @@ def test_keys_back_after_an_outage_at_start_serve_within_seconds(
     if outage == "error":
         jwks = FaultyKeys([key], mode="error", port=port).start()
     url = f"http://127.0.0.1:{port}{CERTS_PATH}"
+    started = time.monotonic()  # no later than the first failed fetch
     proxy = start_proxy(identity_config(upstream, url))
     try:
         token = key.sign(claims())
@@ -526,13 +527,17 @@ def test_keys_back_after_an_outage_at_start_serve_within_seconds(
         else:
             jwks.set_mode("ok")
         back = time.monotonic()
+        # Retries 1 s, 2 s, 4 s... after the first failure: the one after *back*
+        # is at most as far off as the outage was long, plus the first second.
+        # (A fixed 30 s retry would leave the proxy refusing for up to 30 s.)
+        within = 2.0 + 1.5 * (back - started)
         wait_until(
             lambda: requests.get(proxy.url + "/readyz", timeout=30).status_code == 200,
-            timeout=3.0,
+            timeout=within,
             what="/readyz 200 after the key endpoint came back",
         )
         assert send_token(proxy, token).status_code == 200
-        assert time.monotonic() - back < 3.5
+        assert time.monotonic() - back < within + 0.5
     finally:
         if jwks is not None:
             jwks.stop()
