@@ -38,6 +38,7 @@ from __future__ import annotations
 
 import contextlib
 import ctypes
+import logging
 import os
 import resource
 import select
@@ -208,6 +209,10 @@ class Loop:
             self._close_waiting()  # answered while stopping: not kept
         for relay in list(self.relays):
             relay.end("shutdown")
+        # Their access lines are written now, not when the worker exits: the
+        # arbiter kills a worker that is still here at graceful_timeout.
+        for handler in logging.getLogger("authproxy.access").handlers:
+            handler.flush()
         self.stopping = True
         for _ in threads:
             self.ready.put(None)
