@@ -5,11 +5,19 @@ from collections.abc import Callable, Iterator, Sequence
 from typing import Any, Protocol
 
 import pytest
+from hypothesis import HealthCheck, settings
 
 from authproxy.secrets import registered_secrets
 
 from .jwks import AUDIENCE, TEAM_DOMAIN, SigningKey
 from .support import TOKEN, Proxy, Upstream
+
+# For every property test, loaded before any test module: properties, not
+# timings, so no deadline on a loaded machine.
+settings.register_profile(
+    "authproxy", deadline=None, max_examples=300, suppress_health_check=[HealthCheck.too_slow]
+)
+settings.load_profile("authproxy")
 
 
 @pytest.fixture

@@ -643,12 +643,18 @@ class Proxy:
             except OSError:
                 time.sleep(0.05)
                 continue
-            # The master listens before it forks: wait for the workers too.
-            while len(self.worker_pids()) < self.expected_workers:
-                if time.monotonic() > deadline or self.process.poll() is not None:
-                    break
+            # The master listens before it forks: wait for the workers too. (If
+            # another server took the port, that one answered; the master exits.)
+            while True:
+                if self.process.poll() is not None:
+                    raise RuntimeError(
+                        f"authproxy exited {self.process.returncode}:\n{self.logs()}"
+                    )
+                if len(self.worker_pids()) >= self.expected_workers:
+                    return
+                if time.monotonic() > deadline:
+                    return
                 time.sleep(0.05)
-            return
         raise TimeoutError(f"authproxy did not start:\n{self.logs()}")
 
     @property

@@ -233,7 +233,7 @@ def test_read_timeout_holds_on_a_kept_alive_connection() -> None:
     thread.start()
     try:
         client = Client(
-            Forwarder(f"http://127.0.0.1:{listener.getsockname()[1]}", read_timeout=0.5)
+            Forwarder(f"http://127.0.0.1:{listener.getsockname()[1]}", read_timeout=2.0)
         )
         assert client.get("/first").data == b"ok"
         answers: list[Any] = []

@@ -102,7 +102,7 @@ def access_proxy(
             {
                 "groups": "access",
                 "identity_url": access.url,
-                "groups_timeout": 1.0,
+                "groups_timeout": 3.0,
                 "allow_groups": ["sre", "platform"],
                 "allow_emails": ["bob@example.com"],
                 "allow_service_tokens": ["ci-bot.access"],

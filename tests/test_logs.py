@@ -43,11 +43,11 @@ def logger() -> Iterator[logging.Logger]:
 
 def test_lines_logged_together_arrive_in_one_write(logger: logging.Logger) -> None:
     stream = Recording()
-    logger.addHandler(BatchingStreamHandler(stream, flush_interval=0.2))
+    logger.addHandler(BatchingStreamHandler(stream, flush_interval=1.0))
     for n in range(3):
         logger.info("line %d", n)
     assert stream.writes == []  # not yet: the batch is still open
-    wait_until(lambda: stream.writes, timeout=5, what="the batch to be written")
+    wait_until(lambda: stream.writes, timeout=10, what="the batch to be written")
     assert stream.writes == ["line 0\nline 1\nline 2\n"]
 
 

@@ -13,7 +13,7 @@ from urllib.parse import unquote
 
 import httptools
 import pytest
-from hypothesis import HealthCheck, assume, given, settings
+from hypothesis import assume, given
 from hypothesis import strategies as st
 
 from authproxy.context import IDENTITY, VerifiedIdentity, request_path
@@ -31,12 +31,6 @@ from authproxy.middleware.inject import InjectHeaders
 from authproxy.middleware.templates import Template
 from authproxy.upstream.forwarder import join_path, request_target
 from authproxy.upstream.transport import encode_head
-
-# Generous on a loaded machine: properties, not timings.
-settings.register_profile(
-    "authproxy", deadline=None, max_examples=300, suppress_health_check=[HealthCheck.too_slow]
-)
-settings.load_profile("authproxy")
 
 TCHAR = string.ascii_letters + string.digits + "!#$%&'*+-.^_`|~"
 token = st.text(TCHAR, min_size=1, max_size=20)

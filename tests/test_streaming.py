@@ -145,11 +145,11 @@ def test_a_long_stream_outlives_the_worker_timeout(
     live: LiveUpstream, start_proxy: Callable[..., Proxy], worker_class: str
 ) -> None:
     config = live_config(live, TOKEN)
-    proxy = start_proxy({**config, "server": {"worker_class": worker_class, "timeout": 2.0}})
+    proxy = start_proxy({**config, "server": {"worker_class": worker_class, "timeout": 3.0}})
     pids = proxy.worker_pids()
-    response = get(proxy, "/ticks?n=12&every=0.5")  # some 6 s, three worker timeouts
+    response = get(proxy, "/ticks?n=16&every=0.5")  # some 8 s, over two worker timeouts
     body = response.read()
-    assert body == b"".join(f"data: tick {i}\n\n".encode() for i in range(12))
+    assert body == b"".join(f"data: tick {i}\n\n".encode() for i in range(16))
     assert proxy.worker_pids() == pids
 
 

@@ -213,17 +213,17 @@ def test_a_silent_upstream_times_out(pair: Pair) -> None:
 @needs_splice
 def test_the_timeout_is_between_bytes_not_for_the_whole_body(pair: Pair) -> None:
     """A slow but steady upstream is not cut off: each move restarts the clock."""
-    pair.upstream.sendall(HEAD % 6000)
-    response = pair.response(read_timeout=1.0)
+    pair.upstream.sendall(HEAD % 10_000)
+    response = pair.response(read_timeout=2.0)
 
     def trickle() -> None:
-        for _ in range(6):
+        for _ in range(10):
             time.sleep(0.3)
             pair.upstream.sendall(b"z" * 1000)
 
     threading.Thread(target=trickle, daemon=True).start()
-    assert sum(response.splice_to(pair.proxy_out, 6000)) == 6000  # 1.8 s in all
-    assert pair.receive(6000) == b"z" * 6000
+    assert sum(response.splice_to(pair.proxy_out, 10_000)) == 10_000  # 3 s in all
+    assert pair.receive(10_000) == b"z" * 10_000
 
 
 @needs_splice

