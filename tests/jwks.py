@@ -15,6 +15,7 @@ import hashlib
 import hmac
 import json
 import secrets
+import socket
 import threading
 import time
 from collections.abc import Iterable
@@ -160,12 +161,20 @@ class JwksServer:
     ``mode``: ``ok``; ``error`` (503); ``stall`` (accepts, never answers until
     stopped or set back to ``ok``); ``garbage`` (200, not JSON); ``empty``
     (200, a valid document with no key); ``not-found`` (404).
-    ``hits`` counts requests to the certs path. *port* 0 picks a free one.
+    ``hits`` counts requests to the certs path. *port* 0 picks a free one;
+    *sock*, a socket bound but not yet listening, is listened on instead (a
+    port held, refusing connections, until the endpoint comes up).
     """
 
     MODES = ("ok", "error", "stall", "garbage", "empty", "not-found")
 
-    def __init__(self, keys: Iterable[SigningKey] = (), mode: str = "ok", port: int = 0) -> None:
+    def __init__(
+        self,
+        keys: Iterable[SigningKey] = (),
+        mode: str = "ok",
+        port: int = 0,
+        sock: socket.socket | None = None,
+    ) -> None:
         self.keys = list(keys)
         self.mode = mode
         self.hits = 0
@@ -182,7 +191,12 @@ class JwksServer:
             def log_message(self, *args: Any) -> None:
                 pass
 
-        self._httpd = ThreadingHTTPServer(("127.0.0.1", port), Handler)
+        if sock is None:
+            self._httpd = ThreadingHTTPServer(("127.0.0.1", port), Handler)
+        else:
+            self._httpd = ThreadingHTTPServer(sock.getsockname(), Handler, bind_and_activate=False)
+            self._httpd.socket = sock
+            self._httpd.server_activate()
         self._httpd.daemon_threads = True
         self.port = self._httpd.server_address[1]
         self._thread = threading.Thread(

@@ -510,11 +510,12 @@ def test_keys_back_after_an_outage_at_start_serve_within_seconds(
     """With no key at all the proxy retries after 1 s, 2 s, 4 s... (not every
     ``min_refetch_interval``, 30 s by default): once the endpoint is back, /readyz
     and a valid token follow within a couple of seconds."""
-    port = free_port()
+    holder = socket.socket()  # the endpoint's port, bound but not listening: refused
+    holder.bind(("127.0.0.1", 0))
     jwks: FaultyKeys | None = None
     if outage == "error":
-        jwks = FaultyKeys([key], mode="error", port=port).start()
-    url = f"http://127.0.0.1:{port}{CERTS_PATH}"
+        jwks = FaultyKeys([key], mode="error", sock=holder).start()
+    url = f"http://127.0.0.1:{holder.getsockname()[1]}{CERTS_PATH}"
     started = time.monotonic()  # no later than the first failed fetch
     proxy = start_proxy(identity_config(upstream, url))
     try:
@@ -523,7 +524,7 @@ def test_keys_back_after_an_outage_at_start_serve_within_seconds(
             assert send_token(proxy, token).status_code == 403
         assert requests.get(proxy.url + "/readyz", timeout=30).status_code == 503
         if jwks is None:
-            jwks = FaultyKeys([key], port=port).start()
+            jwks = FaultyKeys([key], sock=holder).start()
         else:
             jwks.set_mode("ok")
         back = time.monotonic()
@@ -540,6 +541,7 @@ def test_keys_back_after_an_outage_at_start_serve_within_seconds(
     finally:
         if jwks is not None:
             jwks.stop()
+        holder.close()
     assert upstream.seen and all(s.target == "/app" for s in upstream.seen)
 
 
