@@ -843,11 +843,12 @@ def test_bad_options_fail_at_construction_naming_the_key(
     jwks: JwksServer, options: dict[str, Any], key: str
 ) -> None:
     full = {"team_domain": TEAM_DOMAIN, "audience": AUDIENCE, "certs_url": jwks.url, **options}
-    before = threading.active_count()
+    before = set(threading.enumerate())
     with pytest.raises(ConfigError) as caught:
         Identity(Echo(), **full)
     assert caught.value.key == key
-    assert threading.active_count() == before  # no refresh thread left behind
+    started = [t.name for t in threading.enumerate() if t not in before]
+    assert started == []  # no refresh thread left behind
     assert jwks.hits == 0
 
 

@@ -101,6 +101,7 @@ def test_fifty_concurrent_tunnels(live: LiveUpstream, start_proxy: Callable[...,
     proxy = start_proxy(live_config(live, TOKEN), threads=64)
     count = 50
     everyone_connected = threading.Barrier(count, timeout=PATIENCE)
+    everyone_echoed = threading.Barrier(count, timeout=PATIENCE)  # every upstream end counted
     results: dict[int, Any] = {}
 
     def client(i: int) -> None:
@@ -110,6 +111,7 @@ def test_fifty_concurrent_tunnels(live: LiveUpstream, start_proxy: Callable[...,
                 for n in range(3):
                     conn.send(f"client {i} message {n}")
                     assert conn.recv(timeout=PATIENCE) == f"client {i} message {n}"
+                everyone_echoed.wait()
             results[i] = "ok"
         except BaseException as exc:  # reported below
             results[i] = repr(exc)
