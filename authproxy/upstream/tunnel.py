@@ -62,7 +62,7 @@ log = logging.getLogger("authproxy.tunnel")
 #: when the token expires reconnects (and is sent to log in again) soon after.
 TOKEN_GRACE = 5.0
 
-#: Relays a non-101 answer as an ordinary response: (method, response, start_response, environ).
+#: Relays a non-101 answer as an ordinary response: (response, start_response, environ).
 Relay = Callable[[Response, "StartResponse", "WSGIEnvironment"], Iterable[bytes]]
 
 
